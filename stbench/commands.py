@@ -1,0 +1,111 @@
+"""What each CLI command does (kept apart from argument parsing so tests can call it directly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stbench.utils.table import console, print_rows
+
+
+def list_things(what: str) -> int:
+    if what == "datasets":
+        from stbench.data.catalog import CATALOG
+
+        print_rows([c.summary() for c in CATALOG.values()], title="datasets")
+    elif what == "protocols":
+        from stbench.data.protocols import PROTOCOLS
+
+        print_rows(
+            [{"protocol": p.name, "description": p.description} for p in PROTOCOLS.values()],
+            title="protocols",
+        )
+    else:
+        from stbench.data.readers import READERS
+
+        print_rows(
+            [{"reader": k, "class": v.__name__, "platform": v.platform} for k, v in sorted(READERS.items())],
+            title="readers",
+        )
+    return 0
+
+
+def data_prepare(dataset: str, data_root: str | None, source: str | None, copy: bool) -> int:
+    from stbench.data import paths
+    from stbench.data.prepare import prepare
+
+    manifest = prepare(dataset, data_root, source, copy=copy, progress=console().is_terminal)
+    n = len(manifest["slides"])
+    n_img = sum(e["has_image"] for e in manifest["slides"].values())
+    console().print(
+        f"prepared {dataset}: {n} slides ({n_img} with an image) under "
+        f"{paths.dataset_dir(dataset, data_root)}"
+    )
+    return 0
+
+
+def data_info(dataset: str, data_root: str | None) -> int:
+    from stbench.data.dataset import Dataset
+
+    ds = Dataset.open(dataset, data_root)
+    rows = ds.summary_rows()
+    n_img = sum(ds.has_image.values())
+    print_rows(
+        rows,
+        title=f"{dataset}: {len(rows)} slides, {n_img} with an image",
+        caption=f"spots = spots with both counts and coordinates; mpp = um per full-resolution pixel; "
+        f"data root {ds.data_root}",
+    )
+    return 0
+
+
+def data_check(dataset: str, data_root: str | None) -> int:
+    from stbench.data.dataset import Dataset
+
+    problems = Dataset.check(dataset, data_root)
+    if not problems:
+        console().print(f"{dataset}: no problems found")
+        return 0
+    out = console()
+    out.print(f"{dataset}: {len(problems)} problem(s)")
+    for p in problems:  # one line each, never wrapped, so paths stay copy-pasteable
+        out.print(
+            f"  - slide={p.slide or '-'} field={p.field or '-'} file={p.file or '-'}: {p.problem}",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
+    return 1
+
+
+def splits(dataset: str, protocol: str | None, data_root: str | None) -> int:
+    from stbench.data.dataset import Dataset
+    from stbench.data.protocols import get_protocol
+
+    ds = Dataset.open(dataset, data_root)
+    proto = get_protocol(protocol or ds.card.default_protocol)
+    split_dir = Path(ds.raw) / "splits" if (Path(ds.raw) / "splits").is_dir() else None
+    folds, problems = proto.folds(
+        ds.patients,
+        ds.has_image,
+        eval_pool=ds.card.eval_pool,
+        groups=ds.card.fold_groups,
+        split_dir=split_dir,
+    )
+    rows = [
+        {
+            "fold": f.name,
+            "train": " ".join(f.train),
+            "val": " ".join(f.val) or f"{f.val_fraction:.0%} of train spots",
+            "test": " ".join(f.test),
+            "notes": "; ".join(f.notes),
+        }
+        for f in folds
+    ]
+    if rows:
+        print_rows(rows, title=f"{dataset} / protocol {proto.name}: {len(folds)} fold(s)")
+    excluded = sorted({(s, r) for f in folds for s, r in f.excluded.items()})
+    if excluded:
+        console().print("excluded slides: " + ", ".join(f"{s} ({r})" for s, r in excluded))
+    for p in problems:
+        console().print(f"problem: {p}", soft_wrap=True, markup=False, highlight=False)
+    return 0 if folds else 1

@@ -1,0 +1,223 @@
+"""A prepared dataset: its card, its manifest, and its slides (parsed once, then cached).
+
+Parsed slides are cached as .h5ad under `<data root>/<name>/cache/slides/`, keyed by the sha256
+of the files they came from (recorded by `prepare`), the reader and its options: a changed input
+file gives a new key, so stale parses are never reused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+
+from stbench.data import paths
+from stbench.data.catalog import DatasetCard, get_card
+from stbench.data.image import SlideImage
+from stbench.data.readers import SlideReader, get_reader
+from stbench.data.slide import Slide
+from stbench.errors import DataError
+from stbench.utils.io import atomic_path, sha256_file, stable_hash
+
+# Bump when a reader's output for the same files changes, so cached parses are rebuilt.
+SLIDE_CACHE_VERSION = 1
+
+
+class Dataset:
+    def __init__(
+        self, card: DatasetCard, data_root: str | Path | None = None, manifest: dict[str, Any] | None = None
+    ) -> None:
+        self.card = card
+        self.data_root = paths.data_root(data_root)
+        self.raw = paths.raw_dir(card.name, self.data_root)
+        self.cache = paths.cache_dir(card.name, self.data_root)
+        self.manifest = manifest if manifest is not None else {"slides": {}}
+        self._reader: SlideReader | None = None
+
+    @classmethod
+    def open(cls, name: str, data_root: str | Path | None = None) -> Dataset:
+        card = get_card(name)
+        mpath = paths.manifest_path(name, data_root)
+        if not mpath.exists():
+            raise DataError(
+                f"dataset {name!r} is not prepared under {paths.data_root(data_root)}; run "
+                f"`stbench data prepare {name}` (offline: add --source DIR). {card.how_to_get}",
+                file=mpath,
+                field="manifest",
+            )
+        try:
+            manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"manifest is not valid JSON ({exc}); re-run `stbench data prepare {name}`",
+                file=mpath,
+                field="manifest",
+            ) from exc
+        return cls(card, data_root, manifest)
+
+    # ---- metadata (from the manifest: no parsing) ----------------------------------------
+    @property
+    def reader(self) -> SlideReader:
+        if self._reader is None:
+            self._reader = get_reader(self.card.reader)(self.raw, **self.card.reader_options)
+        return self._reader
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return sorted(self.manifest["slides"])
+
+    @property
+    def patients(self) -> dict[str, str]:
+        return {s: str(e["patient"]) for s, e in sorted(self.manifest["slides"].items())}
+
+    @property
+    def has_image(self) -> dict[str, bool]:
+        return {s: bool(e["has_image"]) for s, e in sorted(self.manifest["slides"].items())}
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        keys = ("slide", "patient", "spots", "genes", "image", "mpp", "spot_diameter_um", "dropped")
+        return [{k: e.get(k) for k in keys} for _, e in sorted(self.manifest["slides"].items())]
+
+    def _check_known(self, slide: str) -> dict[str, Any]:
+        if slide not in self.manifest["slides"]:
+            from stbench.errors import UnknownNameError
+
+            raise UnknownNameError(f"slide of {self.card.name}", slide, self.slide_ids)
+        return self.manifest["slides"][slide]
+
+    # ---- slides --------------------------------------------------------------------------
+    def slide_cache_path(self, slide: str) -> Path:
+        entry = self._check_known(slide)
+        key = stable_hash(
+            {
+                "files": entry.get("files", {}),
+                "reader": self.card.reader,
+                "options": self.card.reader_options,
+                "version": SLIDE_CACHE_VERSION,
+            }
+        )
+        return self.cache / "slides" / f"{slide}-{key}.h5ad"
+
+    def load_slide(self, slide: str) -> Slide:
+        path = self.slide_cache_path(slide)
+        if path.exists():
+            return self._from_cache(path)
+        parsed = self.reader.read_slide(slide).validate()
+        self._to_cache(parsed, path)
+        return parsed
+
+    def load_slides(self, slides: list[str] | None = None, image_only: bool = False) -> list[Slide]:
+        ids = slides or self.slide_ids
+        if image_only:
+            ids = [s for s in ids if self.has_image.get(s)]
+        return [self.load_slide(s) for s in ids]
+
+    def _to_cache(self, slide: Slide, path: Path) -> None:
+        a = slide.adata.copy()
+        image = None
+        if slide.image is not None:
+            image = str(slide.image.path)
+        a.uns["stbench"] = {
+            "name": slide.name,
+            "patient": slide.patient,
+            "platform": slide.platform,
+            "mpp": slide.mpp if slide.mpp is not None else -1.0,
+            "spot_diameter_um": slide.spot_diameter_um if slide.spot_diameter_um is not None else -1.0,
+            "image": image or "",
+            "image_page": slide.image.page if slide.image else 0,
+            "source": slide.source or "",
+            "meta": json.dumps(slide.meta, default=str),
+        }
+        for col in a.obs.columns:  # h5ad wants plain strings, not mixed objects
+            if a.obs[col].dtype == object:
+                a.obs[col] = a.obs[col].astype(str)
+        with atomic_path(path) as tmp:
+            a.write_h5ad(tmp)
+
+    def _from_cache(self, path: Path) -> Slide:
+        a = ad.read_h5ad(path)
+        m = a.uns.pop("stbench")
+        image = SlideImage(Path(m["image"]), page=int(m["image_page"])) if m["image"] else None
+        return Slide(
+            name=str(m["name"]),
+            patient=str(m["patient"]),
+            adata=a,
+            image=image,
+            mpp=float(m["mpp"]) if float(m["mpp"]) > 0 else None,
+            spot_diameter_um=float(m["spot_diameter_um"]) if float(m["spot_diameter_um"]) > 0 else None,
+            platform=str(m["platform"]),
+            source=str(m["source"]) or None,
+            meta=json.loads(m["meta"]),
+        )
+
+    # ---- checks --------------------------------------------------------------------------
+    @classmethod
+    def check(cls, name: str, data_root: str | Path | None = None) -> list[DataError]:
+        """Every problem of a dataset under the data root, prepared or not (prepare may have failed)."""
+        card = get_card(name)
+        if paths.manifest_path(name, data_root).exists():
+            return cls.open(name, data_root).verify()
+        raw = paths.raw_dir(name, data_root)
+        if not raw.exists():
+            return [
+                DataError(
+                    f"dataset {name!r} has no files under the data root; run `stbench data "
+                    f"prepare {name}` (offline: --source DIR)",
+                    file=raw,
+                    field="raw",
+                )
+            ]
+        return cls(card, data_root).reader.check()
+
+    def verify(self) -> list[DataError]:
+        """Every problem: files changed or missing since prepare, then each slide re-validated.
+
+        A slide whose files still match their recorded sha256 has a cached parse that was validated
+        when it was written, so only slides without a valid cache are parsed again.
+        """
+        problems: list[DataError] = []
+        for sid, entry in sorted(self.manifest["slides"].items()):
+            changed = False
+            for rel, digest in entry.get("files", {}).items():
+                p = Path(rel) if Path(rel).is_absolute() else self.raw / rel
+                if not p.exists():
+                    problems.append(
+                        DataError("file listed in the manifest is missing", file=p, slide=sid, field="files")
+                    )
+                    changed = True
+                elif sha256_file(p) != digest:
+                    problems.append(
+                        DataError(
+                            "file changed since `stbench data prepare` (sha256 differs); re-run prepare",
+                            file=p,
+                            slide=sid,
+                            field="sha256",
+                        )
+                    )
+                    changed = True
+            if changed:
+                continue
+            try:
+                slide = self.load_slide(sid)
+                if slide.image is not None:
+                    slide.validate()  # image header and spot bounds (the image may have been replaced)
+            except DataError as exc:
+                problems.append(exc)
+        for sid in sorted(set(self._reader_slides()) - set(self.manifest["slides"])):
+            problems.append(
+                DataError(
+                    "slide present on disk but not prepared; re-run prepare",
+                    slide=sid,
+                    file=self.raw,
+                    field="manifest",
+                )
+            )
+        return problems
+
+    def _reader_slides(self) -> list[str]:
+        try:
+            return self.reader.list_slides()
+        except DataError:
+            return []

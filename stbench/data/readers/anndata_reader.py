@@ -1,0 +1,160 @@
+"""Bring your own data: h5ad files listed in a `slides.csv`.
+
+    <root>/slides.csv    slide, h5ad, image (optional), mpp (optional), patient (optional),
+                         spot_diameter_um (optional), platform (optional); paths relative to root
+
+Each h5ad holds raw counts in X (or in the layer named by option `counts_layer`, one name for
+all slides or a {slide: layer} dict) and full-resolution pixel centres (x, y) of its image in
+obsm["spatial"] (key set by option `spatial_key`). Counts must be whole numbers unless option `allow_non_integer=True`: a normalised matrix passed by
+mistake would otherwise be normalised twice without anyone noticing. A missing patient means
+the slide is its own patient; a missing platform is "other".
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from stbench.data.image import SlideImage
+from stbench.data.readers.base import SlideReader, register_reader
+from stbench.data.slide import Slide, make_adata
+from stbench.errors import DataError
+
+REQUIRED_COLUMNS = ("slide", "h5ad")
+OPTIONAL_COLUMNS = ("image", "mpp", "patient", "spot_diameter_um", "platform")
+
+
+@register_reader
+class AnnDataReader(SlideReader):
+    format = "anndata"
+    platform = "other"
+
+    @property
+    def table_file(self) -> Path:
+        return self.root / "slides.csv"
+
+    def table(self) -> pd.DataFrame:
+        path = self._require(self.table_file, None, "slides.csv")
+        try:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except Exception as exc:
+            raise DataError(f"cannot parse slides.csv: {exc}", file=path, field="slides.csv") from exc
+        df.columns = [c.strip() for c in df.columns]
+        missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+        if missing:
+            raise DataError(f"slides.csv lacks columns {missing}", file=path, field=",".join(missing))
+        df = df.apply(lambda col: col.str.strip())
+        if (df["slide"] == "").any():
+            raise DataError("empty slide id in slides.csv", file=path, field="slide")
+        if not df["slide"].is_unique:
+            dup = df["slide"][df["slide"].duplicated()].unique()[:5].tolist()
+            raise DataError(f"duplicate slide ids {dup}", file=path, field="slide")
+        return df.set_index("slide", drop=False)
+
+    def _row(self, slide: str) -> pd.Series:
+        df = self.table()
+        if slide not in df.index:
+            raise DataError(
+                f"slide not listed in slides.csv (listed: {df.index.tolist()[:10]})",
+                file=self.table_file,
+                slide=slide,
+                field="slide",
+            )
+        return df.loc[slide]
+
+    def _path(self, value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else self.root / p
+
+    def list_slides(self) -> list[str]:
+        return sorted(self.table()["slide"].tolist())
+
+    def slide_files(self, slide: str) -> list[Path]:
+        row = self._row(slide)
+        files = [self._path(row["h5ad"])]
+        if row.get("image"):
+            files.append(self._path(row["image"]))
+        return files
+
+    def read_slide(self, slide: str) -> Slide:
+        row = self._row(slide)
+        if not row["h5ad"]:
+            raise DataError("empty h5ad path", file=self.table_file, slide=slide, field="h5ad")
+        path = self._require(self._path(row["h5ad"]), slide, "h5ad")
+        try:
+            src = ad.read_h5ad(path)
+        except Exception as exc:
+            raise DataError(f"cannot read h5ad: {exc}", file=path, slide=slide, field="h5ad") from exc
+        layer = self.options.get("counts_layer")
+        if isinstance(layer, dict):
+            layer = layer.get(slide)
+        if layer and layer not in src.layers:
+            raise DataError(
+                f"no layer {layer!r} (layers: {list(src.layers)})",
+                file=path,
+                slide=slide,
+                field=f"layers/{layer}",
+            )
+        x = src.layers[layer] if layer else src.X
+        if x is None:
+            raise DataError("h5ad has no X matrix", file=path, slide=slide, field="X")
+        counts = sp.csr_matrix(x, dtype=np.float32)
+        if not self.options.get("allow_non_integer", False) and counts.nnz:
+            frac = np.abs(counts.data - np.round(counts.data))
+            if (frac > 1e-3).any():
+                raise DataError(
+                    "counts are not whole numbers (normalised data?); pass raw counts, "
+                    "or set allow_non_integer=True",
+                    file=path,
+                    slide=slide,
+                    field=f"layers/{layer}" if layer else "X",
+                )
+        key = self.options.get("spatial_key", "spatial")
+        if key not in src.obsm:
+            raise DataError(
+                f"no spot coordinates (obsm[{key!r}])", file=path, slide=slide, field=f"obsm/{key}"
+            )
+        xy = np.asarray(src.obsm[key], dtype=np.float64)
+        if xy.ndim != 2 or xy.shape[1] < 2:
+            raise DataError(
+                f"obsm[{key!r}] must be (n_spots, 2), got {xy.shape}",
+                file=path,
+                slide=slide,
+                field=f"obsm/{key}",
+            )
+        obs = {c: src.obs[c].to_numpy() for c in src.obs.columns if c not in ("slide", "patient")}
+        adata = make_adata(counts, list(src.obs_names), [str(g) for g in src.var_names], xy[:, :2], obs)
+        image = self._path(row["image"]) if row.get("image") else None
+        if image is not None:
+            self._require(image, slide, "image")
+        return Slide(
+            name=slide,
+            patient=row.get("patient") or slide,
+            adata=adata,
+            image=SlideImage(image) if image is not None else None,
+            mpp=self._float(row, "mpp", slide),
+            spot_diameter_um=self._float(row, "spot_diameter_um", slide),
+            platform=row.get("platform") or "other",
+            source=str(path),
+            meta={"slides_csv": str(self.table_file)},
+        )
+
+    def _float(self, row: pd.Series, col: str, slide: str) -> float | None:
+        v: Any = row.get(col, "")
+        if v in ("", None):
+            return None
+        try:
+            f = float(v)
+        except ValueError:
+            f = math.nan
+        if not math.isfinite(f) or f <= 0:
+            raise DataError(
+                f"{col} must be a positive number, got {v!r}", file=self.table_file, slide=slide, field=col
+            )
+        return f

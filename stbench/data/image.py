@@ -80,8 +80,8 @@ class SlideImage:
 
                 Image.MAX_IMAGE_PIXELS = _MAX_PIXELS
                 with Image.open(self.path) as im:
-                    im.draft("RGB", im.size)  # no-op for full size; avoids palette surprises
-                    arr = np.asarray(im.convert("RGB"))
+                    # convert() copies the whole slide; only pay for it when the mode differs
+                    arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
         except DataError:
             raise
         except Exception as exc:

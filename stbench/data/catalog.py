@@ -276,7 +276,7 @@ register_dataset(
         licence="MIT (generated)",
         citation="stbench",
         default_protocol="loso",
-        spot_diameter_um=100.0,
+        spot_diameter_um=55.0,
         notes="Each gene is a known function of local morphology plus count noise; see docs/datasets.md.",
     )
 )

@@ -103,9 +103,6 @@ def splits(dataset: str, protocol: str | None, data_root: str | None) -> int:
     ]
     if rows:
         print_rows(rows, title=f"{dataset} / protocol {proto.name}: {len(folds)} fold(s)")
-    excluded = sorted({(s, r) for f in folds for s, r in f.excluded.items()})
-    if excluded:
-        console().print("excluded slides: " + ", ".join(f"{s} ({r})" for s, r in excluded))
-    for p in problems:
-        console().print(f"problem: {p}", soft_wrap=True, markup=False, highlight=False)
+    for p in problems:  # excluded slides and unrunnable folds, each named
+        console().print(f"note: {p}", soft_wrap=True, markup=False, highlight=False)
     return 0 if folds else 1

@@ -1,0 +1,1 @@
+"""Benchmark engine: jobs, runner, prediction writer, result rows, leaderboard."""

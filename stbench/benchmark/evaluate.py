@@ -1,0 +1,115 @@
+"""Evaluate one fold on rank 0: per-slide metrics on de-duplicated predictions, saved predictions.
+
+Truth comes from the DataModule's targets (never from predict batches, which carry none), in the
+protocol's target space, aligned to predictions by the global spot index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from stbench.metrics.report import slide_metrics
+from stbench.metrics.spatial import spot_grid
+from stbench.utils.io import atomic_path, write_text_atomic
+
+UNLABELLED = {"unlabelled", "undetermined", "nan", ""}
+
+
+def evaluate_fold(
+    dm: Any, index: np.ndarray, pred: np.ndarray, jobdir: Path, job: Any, ks: Sequence[int]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    table = dm.spot_table.loc[index]
+    fixed = {k: list(dm.panel.top_k(k)) for k in ks}
+    per_slide: dict[str, dict[str, Any]] = {}
+    for slide_name in dm.test_slides:
+        rows = np.flatnonzero(table["slide"].to_numpy() == slide_name)
+        spot_ids = table["spot_id"].to_numpy()[rows].tolist()
+        truth = dm.targets(slide_name).loc[spot_ids].to_numpy(np.float32)
+        p = pred[rows].astype(np.float32)
+        slide = dm.slides[slide_name]
+        obs = slide.adata.obs.loc[spot_ids]
+        per_slide[slide_name] = slide_metrics(
+            truth, p, dm.genes, fixed_genes=fixed or None, grid=_grid(obs), labels=_labels(obs), seed=job.seed
+        )
+        _save_predictions(
+            jobdir / "predictions" / f"{slide_name}.h5ad",
+            p,
+            truth,
+            obs,
+            slide.adata[spot_ids].obsm["spatial"],
+            dm.genes,
+            job,
+        )
+    frame = pd.DataFrame.from_dict(per_slide, orient="index")
+    frame.index.name = "slide"
+    write_text_atomic(jobdir / "per_slide.csv", frame.to_csv())
+    return per_slide, _mean_over_slides(per_slide)
+
+
+def _grid(obs: pd.DataFrame) -> np.ndarray | None:
+    """Spot grid cells for SSIM from array coordinates; None (SSIM skipped) when there are none."""
+    for cx, cy in (("array_x", "array_y"), ("array_col", "array_row")):
+        if cx in obs.columns and cy in obs.columns:
+            try:
+                return spot_grid(np.stack([obs[cx].to_numpy(float), obs[cy].to_numpy(float)], axis=1), 1.0)
+            except ValueError:
+                return None
+    return None
+
+
+def _labels(obs: pd.DataFrame) -> list[str] | None:
+    if "label" not in obs.columns:
+        return None
+    labels = obs["label"].astype(str).tolist()
+    return labels if len({x for x in labels if x.lower() not in UNLABELLED}) >= 2 else None
+
+
+def _mean_over_slides(per_slide: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    keys = sorted({k for m in per_slide.values() for k in m})
+    out: dict[str, Any] = {}
+    for k in keys:
+        vals = [m.get(k) for m in per_slide.values()]
+        nums = [float(v) for v in vals if v is not None and not (isinstance(v, float) and np.isnan(v))]
+        if k.endswith(("_n", "_excluded", "_excluded_truth", "_excluded_pred")) or k in (
+            "n_spots",
+            "n_genes",
+        ):
+            out[k] = int(sum(nums)) if nums else None
+        else:
+            out[k] = float(np.mean(nums)) if nums else None
+    return out
+
+
+def _save_predictions(
+    path: Path,
+    pred: np.ndarray,
+    truth: np.ndarray,
+    obs: pd.DataFrame,
+    spatial: np.ndarray,
+    genes: Sequence[str],
+    job: Any,
+) -> None:
+    keep = [c for c in ("slide", "patient", "label", "array_x", "array_y") if c in obs.columns]
+    a = ad.AnnData(X=pred, obs=obs[keep].copy(), var=pd.DataFrame(index=pd.Index(list(genes), name="gene")))
+    a.layers["truth"] = truth
+    a.obsm["spatial"] = np.asarray(spatial, dtype=np.float64)
+    a.uns["stbench"] = {
+        "job_id": job.job_id,
+        "method": job.method,
+        "dataset": job.dataset,
+        "protocol": job.protocol,
+        "fold": job.fold,
+        "seed": job.seed,
+        "space": "protocol target space (X = prediction, layers['truth'] = truth)",
+    }
+    for col in a.obs.columns:
+        if a.obs[col].dtype == object:
+            a.obs[col] = a.obs[col].astype(str)
+    with atomic_path(path) as tmp:
+        a.write_h5ad(tmp)

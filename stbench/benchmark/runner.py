@@ -1,0 +1,321 @@
+"""Run jobs: seed, build DataModule and Method, run the method's stages with a Lightning Trainer,
+predict the test slides through the rank-aware writer, evaluate once on rank 0, append one row.
+
+Rules this file enforces for every method alike:
+- folds come from the protocol (same slides for every method), checked for leakage before use;
+- checkpoint choice uses the validation split only (ModelCheckpoint on `method.monitor`);
+- metrics are computed by stbench.metrics on gathered, de-duplicated predictions, never by a method;
+- a finished job (its row in results.jsonl) is skipped on re-run; an unfinished one restarts clean.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from stbench.benchmark import provenance
+from stbench.benchmark.job import Job, deep_merge, load_config
+from stbench.benchmark.store import append_row, finished_job_ids
+from stbench.benchmark.writer import SpotPredictionWriter, clear_parts, gather_predictions
+from stbench.data.dataset import Dataset
+from stbench.data.protocols import Protocol, get_protocol
+from stbench.data.splits import Fold
+from stbench.errors import DataError, StbenchError
+from stbench.methods.base import Method
+from stbench.methods.registry import get_method
+from stbench.utils.io import write_json_atomic
+
+CONVENTIONS = {
+    "pcc": "gene-wise Pearson over the spots of one test slide, mean over the panel's genes; genes constant "
+    "in truth or prediction excluded and counted (pcc_excluded); then mean ± sd over slides and seeds",
+    "pcc{k}": "same, over the k genes of highest training-set variance fixed before testing",
+    "pcc{k}_posthoc": "mean of the k best per-gene PCCs on the test slide (Stem's post-hoc convention)",
+    "mse/mae": "over all spots x genes of the panel, in the protocol's target space",
+}
+DEFAULT_PCC_K = (50, 200)
+
+
+def global_rank_from_env() -> int:
+    """Rank before a Trainer exists (DDP children are re-launched with these variables set)."""
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    world_local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return node * world_local + local
+
+
+def open_dataset(name: str, data_root: str | None) -> Dataset:
+    """Open a prepared dataset; the synthetic one is generated on first use (it is offline)."""
+    from stbench.data import paths
+    from stbench.data.catalog import get_card
+
+    if get_card(name).reader == "synthetic" and not paths.manifest_path(name, data_root).exists():
+        from stbench.benchmark.store import locked
+        from stbench.data.prepare import prepare
+
+        with locked(paths.dataset_dir(name, data_root) / "prepare"):
+            if not paths.manifest_path(name, data_root).exists():
+                prepare(name, data_root)
+    return Dataset.open(name, data_root)
+
+
+def plan(dataset: Dataset, protocol: Protocol) -> list[Fold]:
+    """The protocol's folds on this dataset; unrunnable folds are reported, never silently dropped."""
+    folds, problems = protocol.folds(
+        dataset.patients, dataset.has_image, eval_pool=dataset.card.eval_pool, groups=dataset.card.fold_groups
+    )
+    if not folds:
+        raise DataError(
+            f"protocol {protocol.name!r} has no runnable fold on {dataset.card.name}: " + "; ".join(problems),
+            field="folds",
+        )
+    return folds
+
+
+def expand_jobs(
+    method: str,
+    dataset: str,
+    protocol: str | None = None,
+    folds: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    config: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    data_root: str | None = None,
+    suite: str | None = None,
+    checkpoint: str | None = None,
+) -> list[Job]:
+    method_cls = get_method(method)
+    ds = open_dataset(dataset, data_root)
+    proto = get_protocol(protocol or ds.card.default_protocol)
+    all_folds = plan(ds, proto)
+    names = [f.name for f in all_folds]
+    chosen = list(folds) if folds else names
+    unknown = [f for f in chosen if f not in names]
+    if unknown:
+        raise StbenchError(f"unknown fold(s) {unknown} of protocol {proto.name} on {dataset}; folds: {names}")
+    cfg_name, cfg = load_config(method_cls, config)
+    cfg = deep_merge(cfg, overrides or {})
+    return [
+        Job(
+            method=method,
+            dataset=dataset,
+            protocol=proto.name,
+            fold=f,
+            seed=int(s),
+            config=cfg,
+            config_name=cfg_name,
+            suite=suite,
+            data_root=data_root,
+            checkpoint=checkpoint,
+        )
+        for f in chosen
+        for s in (seeds if seeds else proto.seeds)
+    ]
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    output: str | Path,
+    *,
+    loggers: Sequence[str] = ("csv",),
+    progress: bool = False,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every unfinished job in order; return the rows written by this call (rank 0 only)."""
+    output = Path(output)
+    done = finished_job_ids(output)
+    rows = []
+    for job in jobs:
+        if job.job_id in done:
+            continue
+        row = run_job(job, output, loggers=loggers, progress=progress)
+        if row is not None:
+            rows.append(row)
+            if on_row:
+                on_row(row)
+    return rows
+
+
+def run_job(
+    job: Job, output: str | Path, *, loggers: Sequence[str] = ("csv",), progress: bool = False
+) -> dict[str, Any] | None:
+    from stbench.data.datamodule import STDataModule
+    from stbench.data.patches import PatchSpec
+
+    started = time.time()
+    started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    output = Path(output)
+    jobdir = output / "jobs" / job.job_id
+    if global_rank_from_env() == 0 and jobdir.exists():
+        shutil.rmtree(jobdir)  # an unfinished earlier attempt: restart it from a clean state
+    L.seed_everything(job.seed, workers=True, verbose=False)
+
+    method_cls = get_method(job.method)
+    ds = open_dataset(job.dataset, job.data_root)
+    proto = get_protocol(job.protocol)
+    fold = next(f for f in plan(ds, proto) if f.name == job.fold)
+    reqs = method_cls.requires
+    data_cfg = dict(job.config.get("data", {}))
+    patch_cfg = {**reqs.patch, **data_cfg.pop("patch", {})}
+    patch_spec = PatchSpec(**patch_cfg) if reqs.image else None
+    slides = [*fold.train, *fold.val, *fold.test]
+    dm = STDataModule(
+        lambda: ds.load_slides(slides),
+        fold,
+        protocol=proto,
+        patch_spec=patch_spec,
+        cache_dir=ds.cache,
+        seed=job.seed,
+        whole_slide=reqs.whole_slide,
+        neighbours=reqs.neighbours,
+        **data_cfg,
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    method = method_cls(n_genes=dm.n_genes, genes=dm.genes, **job.config.get("method", {}))
+
+    trainer_cfg = dict(job.config.get("trainer", {}))
+    trainer, ckpt_cb = _trainer(trainer_cfg, jobdir, method, job, loggers, progress)
+    ckpt_path = None
+    if job.checkpoint:
+        _load_weights(method, job.checkpoint)
+    else:
+        for stage in method.stages:
+            if stage == "fit":
+                trainer.fit(method, datamodule=dm)
+                if ckpt_cb is not None and ckpt_cb.best_model_path:
+                    ckpt_path = ckpt_cb.best_model_path
+            else:
+                getattr(method, f"run_stage_{stage}")(dm, trainer)
+
+    pred_dir = jobdir / "predictions" / "parts"
+    if trainer.is_global_zero:
+        clear_parts(pred_dir)
+    trainer.strategy.barrier()
+    trainer.predict(method, datamodule=dm, ckpt_path=ckpt_path, return_predictions=False)
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        return None
+
+    from stbench.benchmark.evaluate import evaluate_fold
+
+    test_rows = dm.spot_table.index[dm.spot_table["split"] == "test"].to_numpy()
+    index, pred, stats = gather_predictions(pred_dir, test_rows)
+    shutil.rmtree(pred_dir, ignore_errors=True)
+    ks = _pcc_ks(proto, dm.n_genes)
+    per_slide, metrics = evaluate_fold(dm, index, pred, jobdir, job, ks)
+    dm.panel.save(jobdir / "gene_panel.json")
+    row = {
+        "schema": 1,
+        "job_id": job.job_id,
+        "suite": job.suite,
+        "method": job.method,
+        "config_name": job.config_name,
+        "dataset": job.dataset,
+        "protocol": job.protocol,
+        "fold": job.fold,
+        "seed": job.seed,
+        "config": job.config,
+        "config_hash": job.config_hash,
+        "gene_set": _describe_panel(dm),
+        "gene_panel_hash": dm.panel.hash,
+        "n_genes": dm.n_genes,
+        "target": dm.transform.method if dm.transform is not None else None,
+        "pcc_k_genes": {str(k): list(dm.panel.top_k(k)) for k in ks},
+        "weights": method.weights_id(),
+        "checkpoint": {
+            "chosen_on": method.monitor if ckpt_path else None,
+            "path": os.path.relpath(ckpt_path, output) if ckpt_path else None,
+            "from": job.checkpoint,
+        },
+        "test_slides": list(fold.test),
+        "train_slides": list(fold.train),
+        "metrics": metrics,
+        "per_slide": per_slide,
+        "predictions": stats,
+        "conventions": CONVENTIONS,
+        "provenance": {
+            **provenance.git_state(),
+            "stbench_version": __import__("stbench").__version__,
+            "packages": provenance.package_versions(),
+            "hardware": provenance.hardware(trainer_cfg),
+            "wall_time_s": round(time.time() - started, 2),
+            "peak_memory_mb": provenance.peak_memory_mb(),
+            "started_at": started_at,
+            "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+    write_json_atomic(jobdir / "job.json", job.to_dict())
+    append_row(output, row)
+    return row
+
+
+def _pcc_ks(proto: Protocol, n_genes: int) -> list[int]:
+    ks = sorted({int(m[3:]) for m in proto.metrics if re.fullmatch(r"pcc\d+", m)} or set(DEFAULT_PCC_K))
+    return [k for k in ks if k <= n_genes]
+
+
+def _describe_panel(dm: Any) -> str:
+    p = dm.panel
+    params = ", ".join(f"{k}={v}" for k, v in sorted(p.params.items()) if k in ("n", "k", "on", "pool"))
+    # No gene count here: it can differ between folds, and rows of one benchmark must share a label.
+    return f"{p.rule}{' ' + params if params else ''} (selected on training slides only)"
+
+
+def _trainer(
+    cfg: dict[str, Any], jobdir: Path, method: Method, job: Job, loggers: Sequence[str], progress: bool
+) -> tuple[L.Trainer, Any]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks: list[Any] = [SpotPredictionWriter(jobdir / "predictions" / "parts")]
+    ckpt_cb = None
+    if "fit" in method.stages and not job.checkpoint:
+        ckpt_cb = ModelCheckpoint(
+            dirpath=jobdir / "checkpoints",
+            monitor=method.monitor,
+            mode="min",
+            save_top_k=1,
+            filename="best",
+            auto_insert_metric_name=False,
+        )
+        callbacks.append(ckpt_cb)
+    opts = {
+        "accelerator": "auto",
+        "devices": 1,
+        "max_epochs": 1,
+        "num_sanity_val_steps": 0,
+        "enable_progress_bar": progress,
+        "enable_model_summary": False,
+        "log_every_n_steps": 10,
+        "default_root_dir": str(jobdir),
+        **cfg,
+    }
+    opts["callbacks"] = callbacks + list(opts.pop("callbacks", []))
+    opts["logger"] = _loggers(loggers, jobdir, job)
+    return L.Trainer(**opts), ckpt_cb
+
+
+def _loggers(names: Sequence[str], jobdir: Path, job: Job) -> list[Any] | bool:
+    from stbench.benchmark.loggers import make_loggers
+
+    return make_loggers(names, jobdir / "logs", job) or False
+
+
+def _load_weights(method: Method, checkpoint: str) -> None:
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    sd = state.get("state_dict", state)
+    missing, unexpected = method.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise StbenchError(
+            f"checkpoint {checkpoint} does not fit {type(method).__name__}: missing keys "
+            f"{missing[:10]}, unexpected keys {unexpected[:10]}"
+        )

@@ -1,0 +1,59 @@
+"""The table `stbench run` prints: one line per fold and seed, then mean ± sd over them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stbench.benchmark.store import RESULTS, read_results
+from stbench.metrics.report import describe
+from stbench.utils.table import print_rows
+
+COLUMNS = ("pcc", "pcc50", "pcc200", "pcc_spot", "mse", "mae", "ssim")
+
+
+def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cols = [c for c in COLUMNS if any(c in r["metrics"] for r in rows)]
+    out = []
+    for r in sorted(rows, key=lambda r: (r["method"], r["fold"], r["seed"])):
+        out.append(
+            {
+                "method": r["method"],
+                "fold": r["fold"],
+                "seed": r["seed"],
+                "genes": r["n_genes"],
+                **{c: describe(r["metrics"], c) for c in cols},
+                "weights": r["weights"],
+            }
+        )
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    for method, rs in sorted(by_method.items()):
+        agg: dict[str, Any] = {"method": method, "fold": f"mean ± sd ({len(rs)})", "seed": "", "genes": ""}
+        for c in cols:
+            vals = [r["metrics"].get(c) for r in rs if r["metrics"].get(c) is not None]
+            agg[c] = (
+                f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1) if len(vals) > 1 else 0.0:.3f}"
+                if vals
+                else "n/a"
+            )
+        agg["weights"] = rs[0]["weights"]
+        out.append(agg)
+    return out
+
+
+def print_summary(output: Path, job_ids: set[str] | None = None) -> None:
+    rows = [r for r in read_results(output / RESULTS) if job_ids is None or r["job_id"] in job_ids]
+    if not rows:
+        return
+    r0 = rows[0]
+    print_rows(
+        summary_rows(rows),
+        title=f"{r0['dataset']} / protocol {r0['protocol']} / genes: {r0['gene_set']}",
+        caption="pcc = gene-wise PCC per test slide, mean over genes (constant genes excluded; n/a = all "
+        "excluded, e.g. a constant predictor); pcc{k} = k genes fixed by training variance; "
+        "mse/mae in the protocol's target space",
+    )

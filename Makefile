@@ -8,8 +8,9 @@ STAMP := $(VENV)/.stbench-installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_ROOT ?= .stbench-demo
 SHARED ?= ../shared/data
+CI_ROOT ?= .stbench-ci
 
-.PHONY: install demo test test-fast lint format bench-speed clean
+.PHONY: install demo test test-fast lint format ci-bench leaderboard bench-speed clean
 
 install: $(STAMP)
 
@@ -19,22 +20,33 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The main job on the embedded default: a small benchmark (mean vs patch-cnn) on the offline
+# synthetic dataset, printing its table; the synthetic data is generated on first use.
 demo: install
-	$(VENV)/bin/stbench list datasets
 	$(VENV)/bin/stbench data prepare synthetic --data-root $(DEMO_ROOT)
 	$(VENV)/bin/stbench data info synthetic --data-root $(DEMO_ROOT)
 	$(VENV)/bin/stbench splits synthetic --protocol loso --data-root $(DEMO_ROOT)
-	@if [ -d $(SHARED)/her2st ]; then \
-	  $(VENV)/bin/stbench data prepare her2st --source $(SHARED)/her2st --data-root $(DEMO_ROOT) && \
-	  $(VENV)/bin/stbench data info her2st --data-root $(DEMO_ROOT) && \
-	  $(VENV)/bin/stbench splits her2st --protocol loso --data-root $(DEMO_ROOT); \
-	fi
+	$(VENV)/bin/stbench benchmark benchmarks/suites/demo.yaml --data-root $(DEMO_ROOT) --output $(DEMO_ROOT)/outputs/demo
+	$(VENV)/bin/stbench leaderboard --results $(DEMO_ROOT)/outputs/demo/results.jsonl --out $(DEMO_ROOT)/leaderboard \
+	  --predictions [$(DEMO_ROOT)/outputs/demo]
+	@echo "demo leaderboard: $(DEMO_ROOT)/leaderboard/LEADERBOARD.md and leaderboard.html"
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not real_data"
+
+# The CI benchmark: every method's tiny config on the real Her2ST image slides (synthetic when
+# ../shared is absent), compared with the committed rows within the suite's tolerance; then the
+# committed leaderboard must equal a regeneration from the committed rows.
+ci-bench: install
+	$(VENV)/bin/stbench benchmark benchmarks/suites/ci.yaml --data-root $(CI_ROOT)/data --output $(CI_ROOT)/outputs/ci \
+	  --compare benchmarks/results/ci/results.jsonl
+	$(VENV)/bin/stbench leaderboard --check true
+
+leaderboard: install
+	$(VENV)/bin/stbench leaderboard
 
 lint: install
 	$(VENV)/bin/ruff check stbench baselines tests benchmarks
@@ -46,6 +58,8 @@ format: install
 
 bench-speed: install
 	$(PY) benchmarks/speed/patch_extraction.py
+	$(PY) benchmarks/speed/metrics.py
+	$(PY) benchmarks/speed/runner_overhead.py
 
 clean:
-	rm -rf $(DEMO_ROOT) .pytest_cache
+	rm -rf $(DEMO_ROOT) $(CI_ROOT) .pytest_cache

@@ -20,7 +20,7 @@ def _parser() -> ArgumentParser:
     sub = p.add_subcommands(dest="command", required=True)
 
     ls = ArgumentParser(description="List registered things.")
-    ls.add_argument("what", choices=["datasets", "protocols", "readers"])
+    ls.add_argument("what", choices=["datasets", "protocols", "readers", "methods"])
     sub.add_subcommand("list", ls, help="list datasets, protocols or readers")
 
     data = ArgumentParser(description="Prepare, describe and check datasets.")
@@ -54,12 +54,109 @@ def _parser() -> ArgumentParser:
     sp.add_argument("--protocol", type=str | None, default=None, help="protocol (default: the dataset's)")
     sp.add_argument("--data-root", type=str | None, default=None)
     sub.add_subcommand("splits", sp, help="print the folds of a protocol on a dataset")
+
+    rp = ArgumentParser(
+        description="Train and test a method on every fold (and seed) of a protocol; print the "
+        "table. Method, data and Trainer options pass through as --method.X, --data.X, --trainer.X."
+    )
+    rp.add_argument("--method", type=str, required=True, help="method name (stbench list methods)")
+    rp.add_argument("--dataset", type=str, required=True)
+    rp.add_argument("--protocol", type=str | None, default=None, help="default: the dataset's")
+    rp.add_argument("--folds", type=list[str] | None, default=None, help="subset of fold names")
+    rp.add_argument("--seeds", type=list[int] | None, default=None, help="default: the protocol's seeds")
+    rp.add_argument(
+        "--config",
+        type=str | None,
+        default=None,
+        help="config name in baselines/<method>/configs (e.g. tiny) or a YAML path",
+    )
+    rp.add_argument("--output", type=str, default="outputs/run", help="results.jsonl and per-job folders")
+    rp.add_argument("--data-root", type=str | None, default=None)
+    rp.add_argument(
+        "--checkpoint",
+        type=str | None,
+        default=None,
+        help="predict and evaluate with these trained weights (skips training)",
+    )
+    rp.add_argument("--logger", type=list[str], default=["csv"], help="csv, tensorboard, wandb or none")
+    rp.add_argument("--progress", type=bool, default=False, help="show Lightning progress bars")
+    rp.add_argument("--print_config", type=bool, default=False, help="print the resolved job config and exit")
+    sub.add_subcommand("run", rp, help="train + test a method on a dataset's folds")
+
+    bp = ArgumentParser(
+        description="Run a suite: a method x dataset x protocol x seed grid from a YAML file. "
+        "Finished jobs are skipped, so re-running resumes."
+    )
+    bp.add_argument("suite", type=str, help="suite YAML, e.g. benchmarks/suites/ci.yaml")
+    bp.add_argument("--output", type=str | None, default=None, help="default: the suite's `output`")
+    bp.add_argument("--launcher", type=str, default="local", choices=["local", "slurm"])
+    bp.add_argument("--data-root", type=str | None, default=None)
+    bp.add_argument(
+        "--dry-run", type=bool, default=False, help="list the jobs (and which are finished) and exit"
+    )
+    bp.add_argument(
+        "--compare",
+        type=str | None,
+        default=None,
+        help="committed results.jsonl: fail when a job is worse than it beyond the suite's tolerance",
+    )
+    bp.add_argument("--progress", type=bool, default=False)
+    sub.add_subcommand("benchmark", bp, help="run a benchmark suite (local or SLURM)")
+
+    lp = ArgumentParser(
+        description="Regenerate the leaderboard (Markdown, CSV, LaTeX, HTML) from result rows only."
+    )
+    lp.add_argument("--results", type=str, default="benchmarks/results", help="results.jsonl file or folder")
+    lp.add_argument("--out", type=str, default="benchmarks", help="where LEADERBOARD.md and friends go")
+    lp.add_argument(
+        "--predictions",
+        type=list[str] | None,
+        default=None,
+        help="run folders whose predictions feed the HTML maps (not for committed boards)",
+    )
+    lp.add_argument("--check", type=bool, default=False, help="fail if the committed files differ")
+    sub.add_subcommand("leaderboard", lp, help="regenerate or check the leaderboard")
     return p
+
+
+PASS_THROUGH = ("method", "data", "trainer")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Pull `--method.x V`, `--data.patch.out_px=V`, `--trainer.devices V` out of argv (YAML values)."""
+    import yaml
+
+    rest: list[str] = []
+    over: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        head = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if "." in head and head.split(".", 1)[0] in PASS_THROUGH:
+            if "=" in arg:
+                value = arg.split("=", 1)[1]
+            else:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"error: {arg} needs a value")
+                value = argv[i + 1]
+                i += 1
+            node = over
+            parts = head.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = yaml.safe_load(value)
+            i += 1
+            continue
+        rest.append(arg)
+        i += 1
+    return rest, over
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    cfg = parser.parse_args(list(argv) if argv is not None else None)
+    args, overrides = split_overrides(list(argv) if argv is not None else sys.argv[1:])
+    cfg = parser.parse_args(args)
+    cfg.overrides = overrides
     try:
         return _dispatch(cfg)
     except StbenchError as exc:
@@ -80,6 +177,12 @@ def _dispatch(cfg: Any) -> int:
         if d.data_command == "info":
             return commands.data_info(sub.dataset, sub.data_root)
         return commands.data_check(sub.dataset, sub.data_root)
+    if cfg.command == "run":
+        return commands.run(cfg.run, cfg.overrides)
+    if cfg.command == "benchmark":
+        return commands.benchmark(cfg.benchmark)
+    if cfg.command == "leaderboard":
+        return commands.leaderboard(cfg.leaderboard)
     if cfg.command == "splits":
         return commands.splits(cfg.splits.dataset, cfg.splits.protocol, cfg.splits.data_root)
     raise AssertionError(cfg.command)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from stbench.utils.table import console, print_rows
 
@@ -18,6 +19,22 @@ def list_things(what: str) -> int:
         print_rows(
             [{"protocol": p.name, "description": p.description} for p in PROTOCOLS.values()],
             title="protocols",
+        )
+    elif what == "methods":
+        from stbench.methods.registry import available_methods
+
+        print_rows(
+            [
+                {
+                    "method": n,
+                    "task": c.task,
+                    "image": c.requires.image,
+                    "stages": " ".join(c.stages),
+                    "class": f"{c.__module__}:{c.__qualname__}",
+                }
+                for n, c in available_methods().items()
+            ],
+            title="methods",
         )
     else:
         from stbench.data.readers import READERS
@@ -106,3 +123,97 @@ def splits(dataset: str, protocol: str | None, data_root: str | None) -> int:
     for p in problems:  # excluded slides and unrunnable folds, each named
         console().print(f"note: {p}", soft_wrap=True, markup=False, highlight=False)
     return 0 if folds else 1
+
+
+def quiet_lightning() -> None:
+    """Lightning's banners (GPU available, tips) drown the table; warnings still show."""
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401  (it resets its loggers to INFO on import; import first)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def run(args: Any, overrides: dict[str, Any]) -> int:
+    import yaml
+
+    quiet_lightning()
+    from stbench.benchmark.runner import expand_jobs, run_jobs
+    from stbench.benchmark.summary import print_summary
+
+    jobs = expand_jobs(
+        args.method,
+        args.dataset,
+        args.protocol,
+        args.folds,
+        args.seeds,
+        args.config,
+        overrides,
+        args.data_root,
+        checkpoint=args.checkpoint,
+    )
+    if args.print_config:
+        j = jobs[0]
+        console().print(
+            yaml.safe_dump(
+                {
+                    "method": j.method,
+                    "config_name": j.config_name,
+                    "dataset": j.dataset,
+                    "protocol": j.protocol,
+                    "folds": sorted({x.fold for x in jobs}),
+                    "seeds": sorted({x.seed for x in jobs}),
+                    **j.config,
+                },
+                sort_keys=False,
+            ),
+            markup=False,
+            highlight=False,
+        )
+        return 0
+    run_jobs(jobs, args.output, loggers=args.logger, progress=args.progress)
+    from stbench.benchmark.runner import global_rank_from_env
+
+    if global_rank_from_env() == 0:
+        print_summary(Path(args.output), {j.job_id for j in jobs})
+    return 0
+
+
+def leaderboard(args: Any) -> int:
+    from stbench.benchmark.leaderboard import build_leaderboard, check_leaderboard
+
+    if args.check:
+        problems = check_leaderboard(Path(args.results), Path(args.out), args.predictions)
+        if problems:
+            out = console()
+            out.print(
+                f"leaderboard differs from a regeneration from {args.results} ({len(problems)} file(s)); "
+                "run `stbench leaderboard` and commit:"
+            )
+            for p in problems:
+                out.print(p, markup=False, highlight=False, soft_wrap=True)
+            return 1
+        console().print(f"leaderboard in {args.out} matches the rows in {args.results}")
+        return 0
+    written = build_leaderboard(Path(args.results), Path(args.out), args.predictions)
+    console().print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+def benchmark(args: Any) -> int:
+    from stbench.benchmark.suite import benchmark as run_benchmark
+
+    quiet_lightning()
+    return run_benchmark(
+        args.suite,
+        output=args.output,
+        launcher=args.launcher,
+        data_root=args.data_root,
+        dry_run=args.dry_run,
+        progress=args.progress,
+        compare=args.compare,
+    )

@@ -23,7 +23,7 @@ import lightning as L
 
 from stbench.benchmark import provenance
 from stbench.benchmark.job import Job, deep_merge, load_config
-from stbench.benchmark.store import append_row, finished_job_ids
+from stbench.benchmark.store import append_row, claim, finished_job_ids
 from stbench.benchmark.writer import SpotPredictionWriter, clear_parts, gather_predictions
 from stbench.data.dataset import Dataset
 from stbench.data.protocols import Protocol, get_protocol
@@ -45,6 +45,8 @@ DEFAULT_PCC_K = (50, 200)
 
 def global_rank_from_env() -> int:
     """Rank before a Trainer exists (DDP children are re-launched with these variables set)."""
+    if "LOCAL_RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ.get("SLURM_PROCID", 0))  # srun-launched ranks before Lightning sets LOCAL_RANK
     node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
     local = int(os.environ.get("LOCAL_RANK", 0))
     world_local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -130,12 +132,19 @@ def run_jobs(
 ) -> list[dict[str, Any]]:
     """Run every unfinished job in order; return the rows written by this call (rank 0 only)."""
     output = Path(output)
-    done = finished_job_ids(output)
     rows = []
     for job in jobs:
-        if job.job_id in done:
+        if job.job_id in finished_job_ids(output):
             continue
-        row = run_job(job, output, loggers=loggers, progress=progress)
+        if global_rank_from_env() == 0:
+            # Rank 0 owns the job for its whole run: a second process on the same output leaves it
+            # alone instead of wiping its folder (DDP children follow rank 0 and take no claim).
+            with claim(output, job.job_id) as mine:
+                if not mine or job.job_id in finished_job_ids(output):
+                    continue
+                row = run_job(job, output, loggers=loggers, progress=progress)
+        else:
+            row = run_job(job, output, loggers=loggers, progress=progress)
         if row is not None:
             rows.append(row)
             if on_row:

@@ -18,6 +18,7 @@ from stbench.errors import StbenchError
 from stbench.utils.io import write_text_atomic
 
 RESULTS = "results.jsonl"
+CLAIMS = ".claims"
 
 
 @contextlib.contextmanager
@@ -71,3 +72,23 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
+
+
+@contextlib.contextmanager
+def claim(output: str | Path, job_id: str) -> Iterator[bool]:
+    """Yield True if this process now owns `job_id`, False if another live process runs it.
+
+    flock is released by the kernel when its holder dies, so a SIGKILLed run never leaves a stale claim.
+    """
+    path = Path(output) / CLAIMS / f"{job_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

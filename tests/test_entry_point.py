@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ BIN = Path(sys.executable).parent
 
 def test_external_package_method_runs_with_stbench_run(tmp_path: Path) -> None:
     site = tmp_path / "site"
+    src = tmp_path / "pkg"
+    shutil.copytree(PKG, src)  # build outside the repository: setuptools writes build/ and egg-info
     build = subprocess.run(
         [
             sys.executable,
@@ -29,7 +32,7 @@ def test_external_package_method_runs_with_stbench_run(tmp_path: Path) -> None:
             "--no-build-isolation",
             "--target",
             str(site),
-            str(PKG),
+            str(src),
         ],
         capture_output=True,
         text=True,

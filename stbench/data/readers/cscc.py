@@ -36,13 +36,13 @@ import pandas as pd
 from stbench.data.image import SlideImage
 from stbench.data.readers.base import SlideReader, register_reader
 from stbench.data.readers.count_table import read_count_table
+from stbench.data.readers.st_spots import grid_mpp, read_selection
 from stbench.data.slide import Slide, make_adata
 from stbench.errors import DataError
 
 SPOT_SPACING_UM = 110.0
 SPOT_DIAMETER_UM = 150.0
 _COUNTS_RE = re.compile(r"^(?:GSM\d+_)?(?P<slide>.+?)_stdata\.tsv(?:\.gz)?$")
-_SELECTION_COLUMNS = ("x", "y", "pixel_x", "pixel_y")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 _ENSG_RE = re.compile(r"^ENS[A-Z]*G\d+(?:\.\d+)?$")
 
@@ -126,7 +126,7 @@ class CsccReader(SlideReader):
         cfile = self.counts_file(slide)
         sfile = self.selection_file(slide)
         counts, gene_ids = read_st_counts(cfile, slide)
-        sel = _read_selection(sfile, slide)
+        sel = read_selection(sfile, slide)
         if "selected" in sel.columns:
             sel = sel[sel["selected"].astype(float) == 1]
         ids = sel["x"].round().astype(int).astype(str) + "x" + sel["y"].round().astype(int).astype(str)
@@ -225,36 +225,3 @@ def read_st_counts(path: Path, slide: str) -> tuple[pd.DataFrame, dict[str, str]
         if i and s not in ids:
             ids[s] = i
     return out, ids
-
-
-def _read_selection(path: Path, slide: str) -> pd.DataFrame:
-    try:
-        sel = pd.read_csv(path, sep="\t")
-    except Exception as exc:
-        raise DataError(f"cannot parse spot file: {exc}", file=path, slide=slide, field="selection") from exc
-    missing = [c for c in _SELECTION_COLUMNS if c not in sel.columns]
-    if missing:
-        raise DataError(f"spot file lacks columns {missing}", file=path, slide=slide, field=",".join(missing))
-    bad = sel[list(_SELECTION_COLUMNS)].isna().any(axis=1)
-    if bad.any():
-        raise DataError(
-            f"{int(bad.sum())} spot rows with empty coordinates",
-            file=path,
-            slide=slide,
-            field="pixel_x,pixel_y",
-        )
-    return sel
-
-
-def grid_mpp(sel: pd.DataFrame, spacing_um: float) -> float | None:
-    """Micrometres per pixel: `spacing_um` per array step / fitted pixels per array step."""
-    ax = sel["new_x"] if "new_x" in sel.columns else sel["x"]
-    ay = sel["new_y"] if "new_y" in sel.columns else sel["y"]
-    steps = []
-    for a, p in ((ax, sel["pixel_x"]), (ay, sel["pixel_y"])):
-        a = a.to_numpy(float)
-        if len(a) > 1 and np.ptp(a) > 0:
-            steps.append(abs(np.polyfit(a, p.to_numpy(float), 1)[0]))
-    if not steps or not np.mean(steps) > 0:
-        return None
-    return spacing_um / float(np.mean(steps))

@@ -22,13 +22,13 @@ import pandas as pd
 from stbench.data.image import SlideImage
 from stbench.data.readers.base import SlideReader, register_reader
 from stbench.data.readers.count_table import read_count_table
+from stbench.data.readers.st_spots import grid_mpp, read_selection
 from stbench.data.slide import Slide, make_adata
 from stbench.errors import DataError
 
 SPOT_SPACING_UM = 200.0
 SPOT_DIAMETER_UM = 100.0
 _SLIDE_RE = re.compile(r"^([A-Z])(\d+)$")
-_SELECTION_COLUMNS = ("x", "y", "pixel_x", "pixel_y")
 
 
 @register_reader
@@ -82,7 +82,7 @@ class Her2STReader(SlideReader):
         cfile = self._require(self.counts_file(slide), slide, "ST-cnts")
         sfile = self._require(self.selection_file(slide), slide, "ST-spotfiles")
         counts = _read_counts(cfile, slide)
-        sel = _read_selection(sfile, slide)
+        sel = read_selection(sfile, slide)
         sel = sel[sel["selected"] == 1] if "selected" in sel.columns else sel
         sel_ids = sel["x"].astype(int).astype(str) + "x" + sel["y"].astype(int).astype(str)
         sel = sel.set_index(sel_ids)
@@ -110,7 +110,7 @@ class Her2STReader(SlideReader):
             patient=self.patient_of(slide),
             adata=adata,
             image=SlideImage(img_path) if img_path else None,
-            mpp=_grid_mpp(sel),
+            mpp=grid_mpp(sel, SPOT_SPACING_UM),
             spot_diameter_um=SPOT_DIAMETER_UM,
             platform="st",
             source=str(cfile),
@@ -156,36 +156,3 @@ def _read_counts(path: Path, slide: str) -> pd.DataFrame:
         rows = df.index[(values < 0).any(axis=1)][:5].tolist()
         raise DataError(f"negative counts at spots {rows}", file=path, slide=slide, field="counts")
     return df
-
-
-def _read_selection(path: Path, slide: str) -> pd.DataFrame:
-    try:
-        sel = pd.read_csv(path, sep="\t")
-    except Exception as exc:
-        raise DataError(f"cannot parse spot file: {exc}", file=path, slide=slide, field="selection") from exc
-    missing = [c for c in _SELECTION_COLUMNS if c not in sel.columns]
-    if missing:
-        raise DataError(f"spot file lacks columns {missing}", file=path, slide=slide, field=",".join(missing))
-    bad = sel[list(_SELECTION_COLUMNS)].isna().any(axis=1)
-    if bad.any():
-        raise DataError(
-            f"{int(bad.sum())} spot rows with empty coordinates",
-            file=path,
-            slide=slide,
-            field="pixel_x,pixel_y",
-        )
-    return sel
-
-
-def _grid_mpp(sel: pd.DataFrame) -> float | None:
-    """Micrometres per pixel from the spot grid (200 um between array steps)."""
-    ax = sel["new_x"] if "new_x" in sel.columns else sel["x"]
-    ay = sel["new_y"] if "new_y" in sel.columns else sel["y"]
-    steps = []
-    for a, p in ((ax, sel["pixel_x"]), (ay, sel["pixel_y"])):
-        a = a.to_numpy(float)
-        if np.ptp(a) > 0:
-            steps.append(abs(np.polyfit(a, p.to_numpy(float), 1)[0]))
-    if not steps:
-        return None
-    return SPOT_SPACING_UM / float(np.mean(steps))

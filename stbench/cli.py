@@ -80,7 +80,6 @@ def _parser() -> ArgumentParser:
     )
     rp.add_argument("--logger", type=list[str], default=["csv"], help="csv, tensorboard, wandb or none")
     rp.add_argument("--progress", type=bool, default=False, help="show Lightning progress bars")
-    rp.add_argument("--print_config", type=bool, default=False, help="print the resolved job config and exit")
     sub.add_subcommand("run", rp, help="train + test a method on a dataset's folds")
 
     bp = ArgumentParser(
@@ -122,6 +121,24 @@ def _parser() -> ArgumentParser:
 PASS_THROUGH = ("method", "data", "trainer")
 
 
+def _take_print_config(argv: list[str]) -> tuple[list[str], bool]:
+    """jsonargparse reserves --print_config for itself; stbench's means "print the resolved jobs"."""
+    out, found, i = [], False, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--print_config":
+            found = True
+            if i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false"):
+                found = argv[i + 1].lower() == "true"
+                i += 1
+        elif a.startswith("--print_config="):
+            found = a.split("=", 1)[1].lower() == "true"
+        else:
+            out.append(a)
+        i += 1
+    return out, found
+
+
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     """Pull `--method.x V`, `--data.patch.out_px=V`, `--trainer.devices V` out of argv (YAML values)."""
     import yaml
@@ -155,8 +172,10 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, overrides = split_overrides(list(argv) if argv is not None else sys.argv[1:])
+    args, print_config = _take_print_config(args)
     cfg = parser.parse_args(args)
     cfg.overrides = overrides
+    cfg.print_config = print_config
     try:
         return _dispatch(cfg)
     except StbenchError as exc:
@@ -178,9 +197,9 @@ def _dispatch(cfg: Any) -> int:
             return commands.data_info(sub.dataset, sub.data_root)
         return commands.data_check(sub.dataset, sub.data_root)
     if cfg.command == "run":
-        return commands.run(cfg.run, cfg.overrides)
+        return commands.run(cfg.run, cfg.overrides, cfg.print_config)
     if cfg.command == "benchmark":
-        return commands.benchmark(cfg.benchmark)
+        return commands.benchmark(cfg.benchmark, cfg.print_config)
     if cfg.command == "leaderboard":
         return commands.leaderboard(cfg.leaderboard)
     if cfg.command == "splits":

@@ -138,7 +138,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
-def run(args: Any, overrides: dict[str, Any]) -> int:
+def run(args: Any, overrides: dict[str, Any], print_config: bool = False) -> int:
     import yaml
 
     quiet_lightning()
@@ -156,7 +156,7 @@ def run(args: Any, overrides: dict[str, Any]) -> int:
         args.data_root,
         checkpoint=args.checkpoint,
     )
-    if args.print_config:
+    if print_config:
         j = jobs[0]
         console().print(
             yaml.safe_dump(
@@ -204,10 +204,18 @@ def leaderboard(args: Any) -> int:
     return 0
 
 
-def benchmark(args: Any) -> int:
+def benchmark(args: Any, print_config: bool = False) -> int:
     from stbench.benchmark.suite import benchmark as run_benchmark
 
     quiet_lightning()
+    if print_config:
+        import yaml
+
+        from stbench.benchmark.suite import load_suite
+
+        jobs = [j.to_dict() for j in load_suite(args.suite).jobs(args.data_root)]
+        console().print(yaml.safe_dump(jobs, sort_keys=False), markup=False, highlight=False)
+        return 0
     return run_benchmark(
         args.suite,
         output=args.output,

@@ -114,3 +114,27 @@ def test_console_script_is_installed() -> None:
     assert res.returncode == 0, res.stderr
     for fmt in ("her2st", "cscc", "visium", "hest", "xenium", "anndata", "synthetic"):
         assert fmt in res.stdout
+
+
+def test_print_config_resolves_without_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "run",
+        "--method",
+        "patch-cnn",
+        "--config",
+        "tiny",
+        "--dataset",
+        "synthetic",
+        "--data-root",
+        str(tmp_path),
+        "--trainer.max_epochs",
+        "3",
+        "--method.lr",
+        "0.01",
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    assert main([*args, "--print_config"]) == 0
+    out = capsys.readouterr().out
+    assert "max_epochs: 3" in out and "lr: 0.01" in out and "out_px: 32" in out and "config_name: tiny" in out
+    assert not (tmp_path / "out").exists()

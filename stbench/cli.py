@@ -20,7 +20,7 @@ def _parser() -> ArgumentParser:
     sub = p.add_subcommands(dest="command", required=True)
 
     ls = ArgumentParser(description="List registered things.")
-    ls.add_argument("what", choices=["datasets", "protocols", "readers", "methods"])
+    ls.add_argument("what", choices=["datasets", "protocols", "readers", "methods", "encoders"])
     sub.add_subcommand("list", ls, help="list datasets, protocols or readers")
 
     data = ArgumentParser(description="Prepare, describe and check datasets.")
@@ -101,6 +101,21 @@ def _parser() -> ArgumentParser:
     )
     bp.add_argument("--progress", type=bool, default=False)
     sub.add_subcommand("benchmark", bp, help="run a benchmark suite (local or SLURM)")
+
+    ep = ArgumentParser(description="Image encoders (pathology foundation models, ImageNet CNNs).")
+    sub.add_subcommand("encoders", ep, help="check that an encoder's weights resolve and load")
+    esub = ep.add_subcommands(dest="encoders_command", required=True)
+    ec = ArgumentParser(
+        description="Resolve and load the weights, run one patch through, print dims and weights id."
+    )
+    ec.add_argument("name", type=str, help="encoder name (stbench list encoders)")
+    ec.add_argument(
+        "--weights",
+        type=str,
+        default="default",
+        help="default (the official source), none (random init), a local file/dir, or a hub id",
+    )
+    esub.add_subcommand("check", ec, help="load an encoder and run one patch through it")
 
     lp = ArgumentParser(
         description="Regenerate the leaderboard (Markdown, CSV, LaTeX, HTML) from result rows only."
@@ -200,6 +215,8 @@ def _dispatch(cfg: Any) -> int:
         return commands.run(cfg.run, cfg.overrides, cfg.print_config)
     if cfg.command == "benchmark":
         return commands.benchmark(cfg.benchmark, cfg.print_config)
+    if cfg.command == "encoders":
+        return commands.encoders_check(cfg.encoders.check.name, cfg.encoders.check.weights)
     if cfg.command == "leaderboard":
         return commands.leaderboard(cfg.leaderboard)
     if cfg.command == "splits":

@@ -20,6 +20,26 @@ def list_things(what: str) -> int:
             [{"protocol": p.name, "description": p.description} for p in PROTOCOLS.values()],
             title="protocols",
         )
+    elif what == "encoders":
+        from stbench.encoders import list_encoders
+
+        print_rows(
+            [
+                {
+                    "encoder": e.name,
+                    "arch": e.arch,
+                    "dim": e.dim,
+                    "token": e.token,
+                    "source": e.source,
+                    "hub_id": e.hub_id or "-",
+                    "gated": e.gated,
+                    "input_px": e.input_px,
+                    "licence": e.licence,
+                }
+                for e in list_encoders()
+            ],
+            title="encoders",
+        )
     elif what == "methods":
         from stbench.methods.registry import available_methods
 
@@ -180,6 +200,14 @@ def run(args: Any, overrides: dict[str, Any], print_config: bool = False) -> int
 
     if global_rank_from_env() == 0:
         print_summary(Path(args.output), {j.job_id for j in jobs})
+    return 0
+
+
+def encoders_check(name: str, weights: str) -> int:
+    from stbench.encoders import check_encoder
+
+    info = check_encoder(name, weights)
+    print_rows([info], title=f"encoder {name}: weights {weights}")
     return 0
 
 

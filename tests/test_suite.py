@@ -55,7 +55,7 @@ def mean_suite(tmp_path: Path, **extra) -> Path:
         (
             {"name": "x", "grid": [{"method": "meen", "dataset": "synthetic"}]},
             "grid[0].method",
-            "unknown method 'meen'; valid: mean, patch-cnn",
+            "unknown method 'meen'; valid: finetune, mean, patch-cnn",
         ),
         (
             {"name": "x", "grid": [{"method": "mean", "dataset": "synthetik"}]},

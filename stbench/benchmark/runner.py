@@ -70,8 +70,13 @@ def open_dataset(name: str, data_root: str | None) -> Dataset:
 
 def plan(dataset: Dataset, protocol: Protocol) -> list[Fold]:
     """The protocol's folds on this dataset; unrunnable folds are reported, never silently dropped."""
+    split_dir = dataset.raw / "splits"  # HEST-Bench tasks ship their folds as CSV files here
     folds, problems = protocol.folds(
-        dataset.patients, dataset.has_image, eval_pool=dataset.card.eval_pool, groups=dataset.card.fold_groups
+        dataset.patients,
+        dataset.has_image,
+        eval_pool=dataset.card.eval_pool,
+        groups=dataset.card.fold_groups,
+        split_dir=split_dir if split_dir.is_dir() else None,
     )
     if not folds:
         raise DataError(
@@ -172,8 +177,19 @@ def run_job(
     fold = next(f for f in plan(ds, proto) if f.name == job.fold)
     reqs = method_cls.requires
     data_cfg = dict(job.config.get("data", {}))
+    hest_genes = ds.raw / "var_50genes.json"
+    if proto.name == "hest" and hest_genes.exists() and "gene_rule" not in data_cfg:
+        # HEST-Bench ships each task's 50 genes: use that list, not a re-derived one.
+        data_cfg.update(gene_rule="list", gene_kwargs={"gene_list": str(hest_genes)})
     patch_cfg = {**reqs.patch, **data_cfg.pop("patch", {})}
     patch_spec = PatchSpec(**patch_cfg) if reqs.image else None
+    # Frozen-encoder features (probes): extracted once per (encoder, weights, preprocessing, patches)
+    # into the dataset's cache and shared by every job and method that asks for the same ones.
+    from stbench.data.features import features_for
+
+    feature_fns = features_for(
+        method_cls, job.config.get("method", {}), ds.cache, patch_cfg, progress=progress
+    )
     slides = [*fold.train, *fold.val, *fold.test]
     dm = STDataModule(
         lambda: ds.load_slides(slides),
@@ -184,6 +200,7 @@ def run_job(
         seed=job.seed,
         whole_slide=reqs.whole_slide,
         neighbours=reqs.neighbours,
+        features=feature_fns,
         **data_cfg,
     )
     dm.prepare_data()

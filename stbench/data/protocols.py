@@ -125,6 +125,8 @@ class Protocol:
             spec = dict(self.gene_variants[variant])
         else:
             raise UnknownNameError("gene panel variant", variant, list(self.gene_variants))
+        if "rule" in overrides and overrides["rule"] != spec["rule"]:
+            spec = {}  # another rule: the protocol's own parameters (e.g. n) belong to its rule only
         spec.update(overrides)
         rule = spec.pop("rule")
         vocab = vocabulary if self.use_vocabulary else None

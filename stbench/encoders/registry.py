@@ -42,7 +42,14 @@ def build_encoder(
     spec = get_spec(name)
     kind = "torchvision" if spec.source == "torchvision" else "hub"
     source = parse_weights(weights, spec.hub_id, default_kind=kind)
-    encoder = _BUILDERS[spec.family](spec, source, arch_overrides)
+    if source.kind == "none":
+        # Random init is seeded, so "none" means one reproducible model: its cached features can be
+        # reused across runs, and two "none" rows of a table describe the same encoder.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            encoder = _BUILDERS[spec.family](spec, source, arch_overrides)
+    else:
+        encoder = _BUILDERS[spec.family](spec, source, arch_overrides)
     if arch_overrides is None and encoder.dim != spec.dim:
         raise WeightsError(f"encoder {name!r} produced {encoder.dim}-d features, expected {spec.dim}")
     return encoder.eval()

@@ -372,3 +372,12 @@ def test_images_are_learnable(slides, cache: Path) -> None:
     pcc = [np.corrcoef(pred[:, g], yte[:, g])[0, 1] for g in markers]
     print("marker PCC", np.round(pcc, 3))
     assert np.mean(pcc) > 0.3, pcc
+
+
+def test_train_target_mean_equals_mean_over_the_train_loader(slides, cache: Path) -> None:
+    dm = make_dm(slides, cache, val_fraction=0.2, batch_size=16)
+    seen = np.concatenate(
+        [b["expression"].numpy().astype(np.float64) for b in batches(dm.train_dataloader())]
+    )
+    assert len(seen) < sum(len(dm.targets(s)) for s in dm.train_slides)  # validation spots left out
+    np.testing.assert_allclose(dm.train_target_mean(), seen.mean(axis=0), rtol=1e-6)

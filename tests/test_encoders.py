@@ -48,8 +48,15 @@ def snapshot(cache: Path, repo_id: str) -> Path:
 
 
 def tiny(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    return build_encoder(name, "none", arch_overrides=get_spec(name).tiny)
+    """A tiny encoder whose weights depend on `seed`. build_encoder seeds its random init (one
+    reproducible "none" model), so the parameters are perturbed here: a saved tiny checkpoint then
+    differs both from another seed and from a plain random init that a broken loader might fall to."""
+    enc = build_encoder(name, "none", arch_overrides=get_spec(name).tiny)
+    g = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return enc
 
 
 def images(px: int = 40) -> torch.Tensor:
@@ -328,7 +335,7 @@ def test_check_encoder_reports_dims_and_weights_id(hub, tmp_path):
 
 
 def test_cli_lists_and_checks_encoders(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from stbench.cli import main
 
@@ -339,6 +346,7 @@ def test_cli_lists_and_checks_encoders(
     assert main(["encoders", "check", "resnet18", "--weights", "none"]) == 0
     assert "512" in capsys.readouterr().out
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))  # no copy of UNI anywhere
     assert main(["encoders", "check", "uni"]) == 2
     err = capsys.readouterr().err
     assert "MahmoodLab/UNI" in err and "request access" in err and "--weights PATH" in err

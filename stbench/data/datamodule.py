@@ -457,6 +457,20 @@ class STDataModule(L.LightningDataModule):
             held.setdefault(n, []).append(i)
         return {n: np.array(sorted(rows), dtype=np.int64) for n, rows in held.items()}
 
+    def train_target_mean(self) -> np.ndarray:
+        """(G,) mean target over the training spots (validation spots excluded): the mean predictor,
+        and the starting bias of regression heads. Never touches validation or test spots."""
+        self._require_setup()
+        total = np.zeros(self.n_genes, dtype=np.float64)
+        count = 0
+        for name in self.train_slides:
+            rows = self.targets(name).to_numpy(np.float64)[self._train_rows(name)]
+            total += rows.sum(axis=0)
+            count += rows.shape[0]
+        if count == 0:
+            raise DataError("no training spots to average", field="train")
+        return total / count
+
     def _train_rows(self, slide: str) -> np.ndarray:
         n = self.slides[slide].n_spots
         keep = np.ones(n, dtype=bool)

@@ -59,7 +59,7 @@ def test_sigkill_mid_suite_then_rerun(tmp_path: Path) -> None:
                         "protocol": "loso",
                         "seeds": [0],
                         "folds": 2,
-                        "overrides": {"trainer": {"max_epochs": 1, "limit_train_batches": 4}},
+                        "overrides": {"trainer": {"max_epochs": 3, "limit_train_batches": 4}},
                     },
                 ],
             }
@@ -80,8 +80,7 @@ def test_sigkill_mid_suite_then_rerun(tmp_path: Path) -> None:
             finished = {json.loads(line)["job_id"] for line in _rows_text(out)}
             in_flight = _in_flight(out, finished, "patch-cnn__")
             if finished and in_flight:
-                time.sleep(0.5)  # let it get into training
-                break
+                break  # kill at once: a job seen in flight must not get the chance to finish
             time.sleep(0.1)
         else:
             pytest.fail(

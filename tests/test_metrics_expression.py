@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -26,16 +24,9 @@ from stbench.metrics import (
     slide_metrics,
 )
 from stbench.metrics import expression as expression_module
+from tests.conftest import HER2ST
 
-B4 = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "data"
-    / "her2st"
-    / "data"
-    / "ST-cnts"
-    / "B4.tsv.gz"
-)
+B4 = HER2ST / "data" / "ST-cnts" / "B4.tsv.gz"
 
 
 def _pair(seed: int = 0, n: int = 120, g: int = 40, noise: float = 1.0) -> tuple[np.ndarray, np.ndarray]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy import stats
@@ -11,8 +9,9 @@ from skimage.metrics import structural_similarity
 
 from stbench.metrics import ari, coexpr, rasterise, slide_metrics, spot_grid, ssim, ssim_genes
 from stbench.metrics.spatial import ssim_maps
+from tests.conftest import HER2ST as HER2ST_ROOT
 
-HER2ST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "her2st" / "data"
+HER2ST = HER2ST_ROOT / "data"
 
 
 def _grid_slide(seed: int = 0, h: int = 9, w: int = 11, g: int = 6, holes: int = 10):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from itertools import product
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,16 +19,9 @@ from stbench.metrics import (
     significance_mark_stars,
     wilcoxon_test,
 )
+from tests.conftest import HER2ST
 
-B4 = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "data"
-    / "her2st"
-    / "data"
-    / "ST-cnts"
-    / "B4.tsv.gz"
-)
+B4 = HER2ST / "data" / "ST-cnts" / "B4.tsv.gz"
 
 
 # --- aggregation --------------------------------------------------------------------------------

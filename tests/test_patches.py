@@ -18,8 +18,8 @@ from stbench.data.image import SlideImage
 from stbench.data.patches import PatchSpec, PatchStore, SlidePatches, background_fraction, laplacian_variance
 from stbench.data.slide import Slide, make_adata
 from stbench.errors import DataError
+from tests.conftest import HER2ST
 
-HER2ST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "her2st"
 DOCS_IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 GREY = 120
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,6 @@ import stbench.benchmark.runner as runner
 import stbench.encoders
 from baselines.probe_ridge.method import ProbeRidge
 from stbench.methods.registry import register_method
-
-pytestmark = pytest.mark.skipif(
-    "features_for" not in inspect.getsource(runner), reason="runner.py does not build feature providers yet"
-)
 
 
 def test_probe_ridge_second_run_reuses_features(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

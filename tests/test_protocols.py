@@ -14,9 +14,10 @@ from stbench.data.protocols import PROTOCOLS, Protocol, get_protocol
 from stbench.data.slide import Slide, make_adata
 from stbench.data.splits import OVERLAP_PREFIX, FoldPlanError, check_leakage
 from stbench.errors import UnknownNameError
+from tests.conftest import HER2ST
 
 REPO = Path(__file__).resolve().parents[1]
-HER2ST_REAL = REPO.parent / "shared" / "data" / "her2st"
+HER2ST_REAL = HER2ST
 HER2ST = {
     f"{p}{i}": p for p, n in zip("ABCDEFGH", (6, 6, 6, 6, 3, 3, 3, 3), strict=True) for i in range(1, n + 1)
 }

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,10 +9,11 @@ import pytest
 from stbench.data.readers import get_reader
 from stbench.data.readers.xenium import CONTROL_PREFIXES, XeniumReader, apply_affine, read_transcripts
 from stbench.errors import DataError
+from tests.conftest import XENIUM_CROP
 from tests.fixtures._spot_images import colours_at
 from tests.fixtures.xenium_layout import GENES, HE_MPP, PIXEL_SIZE, write_xenium
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xenium-crop"
+REAL = XENIUM_CROP
 
 
 @pytest.fixture(scope="module")

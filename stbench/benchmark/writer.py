@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from stbench.errors import StbenchError
@@ -89,7 +88,3 @@ def clear_parts(out_dir: Path) -> None:
     for p in Path(out_dir).glob("rank*.npz"):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
-
-
-def to_numpy(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

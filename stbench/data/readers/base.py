@@ -7,7 +7,6 @@ and turns each slide of it into a `Slide`. It never modifies the root.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -76,6 +75,3 @@ def get_reader(fmt: str) -> type[SlideReader]:
     if fmt not in READERS:
         raise UnknownNameError("reader", fmt, list(READERS))
     return READERS[fmt]
-
-
-ReaderFactory = Callable[..., SlideReader]

@@ -39,3 +39,21 @@ def her2st_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("her2st-root")
     prepare("her2st", root, HER2ST)
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic dataset prepared once per session (method fit + test tests share it)."""
+    from stbench.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("synthetic-root")
+    prepare("synthetic", root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mean_row(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The `mean` predictor's result row on the harness fold (computed once per session)."""
+    from method_harness import mean_baseline
+
+    return mean_baseline(synthetic_root, tmp_path_factory.mktemp("mean-run"))

@@ -64,6 +64,7 @@ def test_batch_contract(slides, cache: Path) -> None:
         "image",
         "expression",
         "counts",
+        "totals",
         "coords",
         "array_coords",
         "slide",

@@ -200,6 +200,8 @@ def run_job(
         seed=job.seed,
         whole_slide=reqs.whole_slide,
         neighbours=reqs.neighbours,
+        include_counts=reqs.counts,
+        graph=reqs.graph,
         features=feature_fns,
         **data_cfg,
     )

@@ -53,10 +53,12 @@ class _SlideData:
     coords: np.ndarray  # (n, 2) float32 full-res px (x, y)
     targets: np.ndarray  # (n, G) float32 normalised
     counts: np.ndarray  # (n, G) float32 raw panel counts
+    totals: np.ndarray  # (n,) float32 total counts over all genes (library size)
     array_coords: np.ndarray | None  # (n, 2) int64 (col/x, row/y)
     patches_file: Path | None  # patches.npy of the slide's store
     patch_rows: np.ndarray | None  # (n,) row of each spot in patches.npy
     neighbours: np.ndarray | None  # (n, k) int64 global indices, -1 = none
+    edges: np.ndarray | None = None  # (2, E) int64 local rows of the slide's spot graph
     features: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -109,6 +111,7 @@ class _SpotSource:
             out["expression"] = torch.from_numpy(sd.targets[rows])
         if self.with_counts:
             out["counts"] = torch.from_numpy(sd.counts[rows])
+            out["totals"] = torch.from_numpy(sd.totals[rows])
         if sd.array_coords is not None:
             out["array_coords"] = torch.from_numpy(sd.array_coords[rows])
         if sd.neighbours is not None:
@@ -173,6 +176,9 @@ class SlideDataset(Dataset):
             codes = None if token is None else np.random.default_rng(token).integers(0, 8, len(rows))
             batch["image"] = self.source.images(s, rows, codes)
         batch["mask"] = torch.ones(len(rows), dtype=torch.bool)
+        edges = self.source.slides[s].edges
+        if edges is not None:
+            batch["edge_index"] = _edges_among(edges, rows, self.source.slides[s].n)
         if self.pad_to is not None:
             batch = _pad(batch, self.pad_to)
         return batch
@@ -252,6 +258,7 @@ class STDataModule(L.LightningDataModule):
         neighbours: int | None = None,
         features: Mapping[str, FeatureFn] | None = None,
         include_counts: bool = False,
+        graph: Mapping[str, Any] | None = None,
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
@@ -259,6 +266,8 @@ class STDataModule(L.LightningDataModule):
             raise DataError("patch_spec needs a cache_dir for the patch store", field="cache_dir")
         if neighbours is not None and neighbours < 1:
             raise DataError(f"neighbours must be >= 1, got {neighbours}", field="neighbours")
+        if graph is not None and not whole_slide:
+            raise DataError("a spot graph needs whole_slide=True (one batch = one slide)", field="graph")
         if fold.val and val_fraction:
             raise DataError(
                 f"fold {fold.name} has validation slides; val_fraction must be 0 or None",
@@ -289,6 +298,7 @@ class STDataModule(L.LightningDataModule):
         self.k_neighbours = neighbours
         self.feature_fns = dict(features or {})
         self.include_counts = include_counts
+        self.graph = dict(graph) if graph is not None else None
         self.pin_memory = pin_memory
         self._slides: dict[str, Slide] | None = None
         self._data: list[_SlideData] = []
@@ -418,6 +428,16 @@ class STDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("test", targets=True), batch_size=self.eval_batch_size)
 
+    def reference_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """Training spots only (validation spots and every val/test slide excluded), in a fixed
+        order, unaugmented, with targets and spot batches even for whole-slide methods: the
+        retrieval reference of BLEEP-style methods, which must never see a held-out spot."""
+        self._require_setup()
+        source = _SpotSource(self._data, with_targets=True, with_counts=False)
+        items = [(s, int(r)) for s, rows in self._rows_of("train") for r in rows]
+        ds = SpotDataset(source, items, self.patch_spec is not None)
+        return DataLoader(ds, batch_size=batch_size or self.eval_batch_size, num_workers=self.num_workers)
+
     def predict_dataloader(self) -> DataLoader:
         """The test spots without targets or counts, so no method can read them while predicting."""
         return self._loader(self._dataset("test", targets=False), batch_size=self.eval_batch_size)
@@ -525,11 +545,22 @@ class STDataModule(L.LightningDataModule):
             coords=slide.coords.astype(np.float32),
             targets=targets,
             counts=counts,
+            totals=np.asarray(totals, dtype=np.float32),
             array_coords=_array_coords(slide),
             patches_file=patches_file,
             patch_rows=patch_rows,
             neighbours=_neighbours(slide.coords, self.k_neighbours, offset) if self.k_neighbours else None,
             features=feats,
+            edges=self._edges(slide),
+        )
+
+    def _edges(self, slide: Slide) -> np.ndarray | None:
+        if self.graph is None:
+            return None
+        from stbench.data.context import spot_graph
+
+        return spot_graph(
+            slide.coords, self.graph, mpp=slide.mpp, array_coords=_array_coords(slide), slide=slide.name
         )
 
     def _rows_of(self, split: str) -> list[tuple[int, np.ndarray]]:
@@ -633,6 +664,14 @@ def _neighbours(coords: np.ndarray, k: int, offset: int) -> np.ndarray:
     return out
 
 
+def _edges_among(edges: np.ndarray, rows: np.ndarray, n: int) -> torch.Tensor:
+    """The slide graph's edges between `rows` (a subset of the slide), renumbered 0..len(rows)-1."""
+    local = np.full(n, -1, dtype=np.int64)
+    local[rows] = np.arange(len(rows))
+    e = local[edges]
+    return torch.from_numpy(np.ascontiguousarray(e[:, (e >= 0).all(axis=0)]))
+
+
 def _unbatch(item: dict[str, Any]) -> dict[str, Any]:
     """Strip the leading length-1 axis a single-spot `fields` call produces."""
     out: dict[str, Any] = {}
@@ -656,7 +695,9 @@ def _pad(batch: dict[str, Any], size: int) -> dict[str, Any]:
     extra = size - n
     out: dict[str, Any] = {}
     for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
+        if k == "edge_index":  # edges index real rows only; padding adds no node and no edge
+            out[k] = v
+        elif isinstance(v, torch.Tensor):
             fill = -1 if k in ("index", "neighbours") else 0
             pad = torch.full((extra, *v.shape[1:]), fill, dtype=v.dtype)
             out[k] = torch.cat([v, pad])

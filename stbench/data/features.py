@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stbench.data.context import TileGrid, parse_feature_request, tile_grid_slide
 from stbench.data.patches import PatchSpec, PatchStore, SlidePatches, _lock, _safe
 from stbench.errors import DataError
 from stbench.utils.io import stable_hash, write_json_atomic
@@ -320,11 +321,14 @@ def feature_provider(
     precision: str = "auto",
     progress: bool = False,
     build: Callable[[str, str], Any] | None = None,
+    tiles: TileGrid | None = None,
 ) -> Callable[[Slide], np.ndarray]:
     """A `Slide -> (n_spots, sum D)` float32 function for `STDataModule(features={key: fn})`.
 
     Encoders are built lazily (once, on first use) with `build(name, weights)` (default:
-    `stbench.encoders.build_encoder`); several encoders are concatenated in the given order."""
+    `stbench.encoders.build_encoder`); several encoders are concatenated in the given order.
+    With `tiles` (see stbench/data/context.py) every spot gets its tile grid's features,
+    flattened tile-major: (n_spots, n_tiles * sum D)."""
     enc_names = split_names(names)
     w = [weights] * len(enc_names) if isinstance(weights, str) else [str(x) for x in weights]
     if len(w) != len(enc_names):
@@ -344,20 +348,30 @@ def feature_provider(
         return built[i]
 
     def provide(slide: Slide) -> np.ndarray:
-        patches = patch_store.build(slide)
+        source, pstore = slide, patch_store
+        if tiles is not None:
+            spot_crop = patch_store.spec.crop_size_px(slide)
+            source = tile_grid_slide(slide, tiles, spot_crop)
+            spec = patch_store.spec
+            tile_spec = PatchSpec(out_px=spec.out_px, crop_px=tiles.tile_crop(spot_crop), edge=spec.edge)
+            pstore = PatchStore(patch_store.cache_dir, tile_spec)
+        patches = pstore.build(source)
         parts = [
             store.extract(
-                slide,
+                source,
                 patches,
                 encoder(i),
                 batch_size=batch_size,
                 progress=progress,
                 device=device,
                 precision=precision,
-            ).aligned(slide.spot_ids)
+            ).aligned(source.spot_ids)
             for i in range(len(enc_names))
         ]
-        return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+        out = np.concatenate(parts, axis=1)
+        if tiles is not None:  # (n * T, D) spot-major -> (n, T * D) tile-major per spot
+            out = out.reshape(slide.n_spots, -1)
+        return np.ascontiguousarray(out, dtype=np.float32)
 
     provide.encoders = enc_names  # type: ignore[attr-defined]
     provide.weights_ids = lambda: [str(encoder(i).weights_id) for i in range(len(enc_names))]  # type: ignore[attr-defined]
@@ -373,32 +387,63 @@ def features_for(
     batch_size: int = 64,
     device: str | None = None,
     progress: bool = False,
+    build: Callable[[str, str], Any] | None = None,
 ) -> dict[str, Callable[[Slide], np.ndarray]] | None:
     """What the runner passes as `STDataModule(features=...)` for `method_cls` with its config.
 
     A method asks for frozen features by listing `"encoder"` in `requires.features`: the feature
-    named by its `encoder` hyper-parameter (e.g. "uni+conch") with its `weights`. Returns None when
-    the method needs no features. The patches fed to encoders follow `requires.patch` overridden by
-    the job's `data.patch` (the same merge as for image methods)."""
+    named by its `encoder` hyper-parameter (e.g. "uni+conch") with its `weights`, and
+    `encoder_overrides` (architecture knobs passed to `build_encoder(arch_overrides=...)`; tiny
+    configs shrink the encoder with it). `"encoder:grid=G"` / `"encoder:sub=S"` add tile-grid
+    features (stbench/data/context.py) under `"<key>:grid=G"`. Returns None when the method needs
+    no features. The patches fed to encoders follow `requires.patch` overridden by the job's
+    `data.patch` (the same merge as for image methods); tiles share its output size."""
     wanted = tuple(getattr(getattr(method_cls, "requires", None), "features", ()) or ())
-    if "encoder" not in wanted:
+    requests = [parse_feature_request(w) for w in wanted]
+    requests = [(base, tiles) for base, tiles in requests if base == "encoder"]
+    if not requests:
         return None
     defaults = _init_defaults(method_cls)
     enc = method_config.get("encoder", defaults.get("encoder"))
     weights = method_config.get("weights", defaults.get("weights", "default"))
+    overrides = method_config.get("encoder_overrides", defaults.get("encoder_overrides"))
     if not enc:
         raise DataError(f"method {getattr(method_cls, 'name', '?')} needs an `encoder`", field="encoder")
     spec = PatchSpec(**{**dict(method_cls.requires.patch), **dict(patch_config or {})})
-    fn = feature_provider(
-        enc,
-        weights,
-        FeatureStore(cache_dir),
-        PatchStore(cache_dir, spec),
-        batch_size=batch_size,
-        device=device,
-        progress=progress,
-    )
-    return {feature_key(enc): fn}
+    build = build or _registry_builder(overrides)
+    cache: dict[tuple[str, str], Any] = {}
+
+    def shared(name: str, w: str) -> Any:  # one encoder instance for the spot and tile requests
+        if (name, w) not in cache:
+            cache[(name, w)] = build(name, w)
+        return cache[(name, w)]
+
+    out = {}
+    for _, tiles in requests:
+        key = feature_key(enc) + (tiles.suffix if tiles is not None else "")
+        out[key] = feature_provider(
+            enc,
+            weights,
+            FeatureStore(cache_dir),
+            PatchStore(cache_dir, spec),
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            build=shared,
+            tiles=tiles,
+        )
+    return out
+
+
+def _registry_builder(overrides: dict[str, Any] | None) -> Callable[[str, str], Any]:
+    def build(name: str, weights: str) -> Any:
+        from stbench.encoders import build_encoder
+
+        if overrides:
+            return build_encoder(name, weights=weights, arch_overrides=dict(overrides))
+        return build_encoder(name, weights=weights)
+
+    return build
 
 
 # ---- internals -------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ class BatchRequirements:
     whole_slide: bool = False  # one batch = one slide (HisToGene-style)
     neighbours: int | None = None  # k nearest spots of the same slide
     patch: dict[str, Any] = field(default_factory=dict)  # PatchSpec overrides (out_px, crop_um, ...)
+    counts: bool = (
+        False  # raw panel counts + library sizes (batch["counts"], batch["totals"]); never at predict
+    )
+    graph: dict[str, Any] | None = None  # whole-slide spot graph, batch["edge_index"] (see data/context.py)
 
 
 class Method(L.LightningModule):

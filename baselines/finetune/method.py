@@ -42,6 +42,7 @@ class Finetune(Method):
         super().__init__(n_genes, genes, lr=lr, weight_decay=weight_decay)
         self.save_hyperparameters()
         enc = _build_encoder(encoder, weights)
+        enc.train()  # the zoo returns encoders in eval mode (for extraction); here BatchNorm must train
         self.encoder_name, self.weights = encoder, weights
         self._weights_id = str(getattr(enc, "weights_id", weights))
         self.encoder_lr, self.cosine_schedule = encoder_lr, cosine_schedule

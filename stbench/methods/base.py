@@ -81,7 +81,9 @@ class Method(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         pred = self.predict_expression(batch).float()
         target = batch["expression"].float()
-        n = _batch_size(batch)
+        if "mask" in batch:  # padded whole-slide batches: score real rows only
+            pred, target = pred[batch["mask"]], target[batch["mask"]]
+        n = int(target.shape[0])
         self.log("val/mse", F.mse_loss(pred, target), sync_dist=True, batch_size=n, prog_bar=True)
         self.log("val/mae", F.l1_loss(pred, target), sync_dist=True, batch_size=n)
 

@@ -1,0 +1,150 @@
+"""`merge`: MERGE as an stbench Method (see README.md for the paper settings and deviations).
+
+One batch = one slide (whole_slide=True) with its spatial k-NN graph (k = 8, served by the
+DataModule, local row indices, never across slides). The model adds the hierarchical cluster edges
+of that slide, computed from the batch's own coordinates and frozen features (never targets), and
+runs the GAT over the slide's real rows. One optimiser step per slide, as in the reference code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from baselines.merge.graph import hierarchical_edges, symmetric_unique
+from baselines.merge.model import MERGENet
+from stbench.data.features import feature_key, provider_weights_id, split_names
+from stbench.methods.base import BatchRequirements, Method
+
+SPATIAL_K = 8  # spatial graph: 8 nearest spots (reference: kneighbors_graph(n_neighbors=8))
+
+
+def _encoder_dim(names: str, overrides: dict[str, Any] | None) -> int:
+    from stbench.encoders import build_encoder, get_spec
+
+    if not overrides:
+        return sum(get_spec(n).dim for n in split_names(names))
+    return sum(int(build_encoder(n, "none", arch_overrides=dict(overrides)).dim) for n in split_names(names))
+
+
+class MERGE(Method):
+    name = "merge"
+    task = "expression"
+    requires = BatchRequirements(
+        image=False,
+        features=("encoder",),
+        whole_slide=True,
+        graph={"kind": "knn", "k": SPATIAL_K},
+        patch={"out_px": 224},
+    )
+
+    def __init__(
+        self,
+        n_genes: int,
+        genes: Sequence[str] | None = None,
+        encoder: str = "resnet18",
+        weights: str = "default",
+        encoder_overrides: dict[str, Any] | None = None,
+        hidden: Sequence[int] = (448, 384, 256),
+        heads: int = 8,
+        drop_edge: float = 0.2,
+        hierarchical: bool = True,
+        spatial_clusters: int = 5,
+        feature_clusters: int = 5,
+        kmeans_init: int = 10,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        warmup_every: int = 40,
+    ) -> None:
+        super().__init__(n_genes, genes, lr=lr, weight_decay=weight_decay)
+        self.save_hyperparameters()
+        self.encoder, self.weights = encoder, weights
+        self.feature_key = feature_key(encoder)
+        self.net = MERGENet(
+            _encoder_dim(encoder, encoder_overrides), n_genes, tuple(hidden), heads, drop_edge
+        )
+        self.hierarchical = hierarchical
+        self.spatial_clusters, self.feature_clusters = int(spatial_clusters), int(feature_clusters)
+        self.kmeans_init = int(kmeans_init)
+        self.warmup_steps, self.warmup_every = max(1, int(warmup_steps)), max(1, int(warmup_every))
+        self._edge_cache: dict[str, torch.Tensor] = {}
+        self._weights_id: str | None = None
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None and self._weights_id is None:
+            self._weights_id = provider_weights_id(dm, self.feature_key)
+
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        with torch.no_grad():
+            self.net.out.bias.copy_(torch.from_numpy(dm.train_target_mean()).float())
+
+    # ---- graph ---------------------------------------------------------------------------------
+    def slide_graph(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, features of rows, edges among rows renumbered 0..n-1): spatial k-NN + cluster edges."""
+        n_all = batch["index"].shape[0]
+        mask = batch.get("mask")
+        rows = torch.nonzero(mask).flatten() if mask is not None else torch.arange(n_all, device=self.device)
+        x = batch["features"][self.feature_key][rows].float()
+        local = torch.full((n_all,), -1, dtype=torch.long, device=rows.device)
+        local[rows] = torch.arange(len(rows), device=rows.device)
+        edges = batch.get("edge_index", torch.zeros(2, 0, dtype=torch.long, device=rows.device))
+        edges = local[edges.long()]
+        edges = edges[:, (edges >= 0).all(0)]
+        if self.hierarchical and len(rows) > 1:
+            extra = self._cluster_edges(batch, rows, x).to(edges.device)
+            edges = symmetric_unique(torch.cat([edges, extra], dim=1))
+        return rows, x, edges
+
+    def _cluster_edges(self, batch: dict[str, Any], rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Cluster edges depend only on the slide's rows and their frozen features: computed once per
+        (rows, features), cached (keyed by their bytes, so a changed input is never served stale)."""
+        h = hashlib.sha256(f"{batch['slide'][0]}|".encode())
+        h.update(batch["index"][rows].cpu().numpy().tobytes())
+        h.update(x.detach().cpu().numpy().tobytes())
+        key = h.hexdigest()
+        if key not in self._edge_cache:
+            coords = batch["coords"][rows].float()
+            self._edge_cache[key] = hierarchical_edges(
+                coords, x, self.spatial_clusters, self.feature_clusters, n_init=self.kmeans_init
+            )
+        return self._edge_cache[key]
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    def predict_expression(self, batch: dict[str, Any]) -> torch.Tensor:
+        rows, x, edges = self.slide_graph(batch)
+        pred = self.net(x, edges)
+        out = pred.new_zeros(batch["index"].shape[0], self.n_genes)
+        out[rows] = pred
+        return out
+
+    def _real(self, batch: dict[str, Any], pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch.get("mask")
+        target = batch["expression"].float()
+        return (pred[mask], target[mask]) if mask is not None else (pred, target)
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        pred, target = self._real(batch, self.predict_expression(batch))
+        return F.mse_loss(pred, target)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        pred, target = self._real(batch, self.predict_expression(batch).float())
+        n = int(target.shape[0])
+        self.log("val/mse", F.mse_loss(pred, target), sync_dist=True, batch_size=n, prog_bar=True)
+        self.log("val/mae", F.l1_loss(pred, target), sync_dist=True, batch_size=n)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        steps, every = self.warmup_steps, self.warmup_every
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: min(1.0, math.floor(e / every + 1) / steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def weights_id(self) -> str:
+        return self._weights_id or str(self.weights)

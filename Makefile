@@ -9,6 +9,9 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_ROOT ?= .stbench-demo
 SHARED ?= ../shared/data
 CI_ROOT ?= .stbench-ci
+# OpenMP threads sleep instead of spinning while they wait: on a small shared CPU machine spinning
+# threads starve each other (5-10x slower training); numerics are unchanged.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test test-fast lint format ci-bench leaderboard bench-speed clean
 

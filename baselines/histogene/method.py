@@ -21,7 +21,7 @@ def slide_positions(batch: dict[str, Any]) -> torch.Tensor:
     """(N, 2) array (col, row) positions of a whole-slide batch; HisToGene needs them."""
     if "array_coords" not in batch:
         raise ValueError(
-            "HisToGene needs array coordinates (batch['array_coords']); this dataset's slides lack "
+            "this method needs array coordinates (batch['array_coords']); this dataset's slides lack "
             "array_col/array_row (or array_x/array_y) in obs"
         )
     return batch["array_coords"]

@@ -1,0 +1,37 @@
+"""Every committed suite parses against the registry, and the issue-5 baselines are in the CI suite
+(tiny configs) and in the paper suites (paper configs) whose tables they belong to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stbench.benchmark.suite import load_suite
+
+SUITES = Path(__file__).resolve().parents[1] / "benchmarks" / "suites"
+ISSUE5 = ("stnet", "deepspace", "histogene", "hist2st", "bleep", "triplex", "merge", "deepspot")
+
+
+def _methods(suite, config: str | None = None) -> set[str]:
+    return {m for e in suite.grid for m in e.methods if config is None or e.config_for(m) == config}
+
+
+@pytest.mark.parametrize("path", sorted(SUITES.glob("*.yaml")), ids=lambda p: p.name)
+def test_suite_parses(path: Path) -> None:
+    suite = load_suite(path)
+    assert suite.grid and suite.name == path.stem
+
+
+def test_ci_suite_runs_every_baseline_tiny() -> None:
+    assert set(ISSUE5) <= _methods(load_suite(SUITES / "ci.yaml"), "tiny")
+
+
+def test_paper_suites_hold_their_tables_rows() -> None:
+    hinge = load_suite(SUITES / "hinge-table1.yaml")
+    assert {"stnet", "bleep", "triplex", "merge"} <= _methods(hinge, "paper")
+    assert {e.protocols for e in hinge.grid} == {("hinge",)}
+    diffbulk = load_suite(SUITES / "diffbulk-table1.yaml")
+    assert {"stnet", "deepspace", "histogene", "bleep"} <= _methods(diffbulk, "paper")
+    assert {"probe-ridge", "finetune"} <= _methods(diffbulk)
+    assert {e.protocols for e in diffbulk.grid} == {("diffbulk",)}

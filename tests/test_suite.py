@@ -55,7 +55,7 @@ def mean_suite(tmp_path: Path, **extra) -> Path:
         (
             {"name": "x", "grid": [{"method": "meen", "dataset": "synthetic"}]},
             "grid[0].method",
-            "unknown method 'meen'; valid: finetune, mean, patch-cnn",
+            "unknown method 'meen'; valid: ",
         ),
         (
             {"name": "x", "grid": [{"method": "mean", "dataset": "synthetik"}]},
@@ -148,7 +148,7 @@ def test_committed_suites_parse() -> None:
     for name in ("ci", "demo"):
         suite = load_suite(REPO / "benchmarks" / "suites" / f"{name}.yaml")
         assert suite.name == name
-        assert {m for e in suite.grid for m in e.methods} == {"mean", "patch-cnn"}
+        assert {"mean", "patch-cnn"} <= {m for e in suite.grid for m in e.methods}
         assert suite.grid[0].config_for("patch-cnn") == "tiny"
     ci = load_suite(REPO / "benchmarks" / "suites" / "ci.yaml")
     assert ci.fallback == {"dataset": "synthetic"}

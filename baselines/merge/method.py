@@ -18,18 +18,10 @@ import torch.nn.functional as F
 
 from baselines.merge.graph import hierarchical_edges, symmetric_unique
 from baselines.merge.model import MERGENet
-from stbench.data.features import feature_key, provider_weights_id, split_names
+from stbench.data.features import encoder_dim, feature_key, provider_weights_id
 from stbench.methods.base import BatchRequirements, Method
 
 SPATIAL_K = 8  # spatial graph: 8 nearest spots (reference: kneighbors_graph(n_neighbors=8))
-
-
-def _encoder_dim(names: str, overrides: dict[str, Any] | None) -> int:
-    from stbench.encoders import build_encoder, get_spec
-
-    if not overrides:
-        return sum(get_spec(n).dim for n in split_names(names))
-    return sum(int(build_encoder(n, "none", arch_overrides=dict(overrides)).dim) for n in split_names(names))
 
 
 class MERGE(Method):
@@ -66,9 +58,7 @@ class MERGE(Method):
         self.save_hyperparameters()
         self.encoder, self.weights = encoder, weights
         self.feature_key = feature_key(encoder)
-        self.net = MERGENet(
-            _encoder_dim(encoder, encoder_overrides), n_genes, tuple(hidden), heads, drop_edge
-        )
+        self.net = MERGENet(encoder_dim(encoder, encoder_overrides), n_genes, tuple(hidden), heads, drop_edge)
         self.hierarchical = hierarchical
         self.spatial_clusters, self.feature_clusters = int(spatial_clusters), int(feature_clusters)
         self.kmeans_init = int(kmeans_init)

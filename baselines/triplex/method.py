@@ -18,19 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from baselines.triplex.model import TRIPLEXNet, triplex_loss
-from stbench.data.features import feature_key, provider_weights_id, split_names
+from stbench.data.features import encoder_dim, feature_key, provider_weights_id
 from stbench.methods.base import BatchRequirements, Method
 
 GRID = 5  # neighbour view: 5 x 5 spot-sized tiles centred on the spot (the reference setting)
-
-
-def encoder_dim(names: str, overrides: dict[str, Any] | None) -> int:
-    """Output dimension of (concatenated) frozen encoders as the feature provider will build them."""
-    from stbench.encoders import build_encoder, get_spec
-
-    if not overrides:
-        return sum(get_spec(n).dim for n in split_names(names))
-    return sum(int(build_encoder(n, "none", arch_overrides=dict(overrides)).dim) for n in split_names(names))
 
 
 def grid_positions(batch: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:

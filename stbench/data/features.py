@@ -305,6 +305,16 @@ def split_names(names: str | Sequence[str]) -> list[str]:
     return out
 
 
+def encoder_dim(names: str, overrides: dict[str, Any] | None = None) -> int:
+    """Width of the (concatenated) frozen features the provider will serve for `names` built with
+    `overrides`, so a method can size its layers before any feature exists."""
+    from stbench.encoders import build_encoder, get_spec
+
+    if not overrides:
+        return sum(get_spec(n).dim for n in split_names(names))
+    return sum(int(build_encoder(n, "none", arch_overrides=dict(overrides)).dim) for n in split_names(names))
+
+
 def feature_key(names: str | Sequence[str]) -> str:
     """The batch key of (concatenated) features: `batch["features"]["uni+conch"]`."""
     return "+".join(split_names(names))

@@ -245,6 +245,32 @@ def test_whole_slide_batches(slides, cache: Path) -> None:
     assert float(b["expression"][n:].abs().sum()) == 0.0
 
 
+def test_whole_slide_validation_is_scored_in_its_slide_context(slides, cache: Path) -> None:
+    """Validation spots held out of a training slide come inside their whole slide: every spot of
+    that slide is present (the context a whole-slide model sees at test time), `score_mask` marks
+    exactly the validation spots, and padding is never scored. A validation SLIDE is all scored."""
+    dm = make_dm(slides, cache, whole_slide=True, pad_to=80)
+    table = dm.spot_table
+    seen = []
+    for b in batches(dm.val_dataloader()):
+        slide = b["slide"][0]
+        real = b["mask"]
+        assert sorted(b["index"][real].tolist()) == sorted(table.index[table["slide"] == slide].tolist())
+        val = set(table.index[(table["slide"] == slide) & (table["split"] == "val")].tolist())
+        assert 0 < len(val) < int(real.sum())
+        assert set(b["index"][b["score_mask"]].tolist()) == val
+        assert not bool(b["score_mask"][~real].any())
+        seen.append(slide)
+    assert sorted(seen) == sorted(TRAIN)
+    # training batches never include the held-out validation spots
+    for b in batches(dm.train_dataloader()):
+        assert "score_mask" not in b
+        assert not set(b["index"][b["mask"]].tolist()) & set(table.index[table["split"] == "val"].tolist())
+    by_slide = make_dm(slides, cache, FOLD_VAL, whole_slide=True)
+    for b in batches(by_slide.val_dataloader()):
+        assert "score_mask" not in b and b["slide"][0] in FOLD_VAL.val
+
+
 def test_neighbours_stay_in_their_slide(slides, cache: Path) -> None:
     k = 4
     dm = make_dm(slides, cache, patch_spec=None, neighbours=k)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines.histogene.model import HisToGeneNet
-from stbench.methods.base import BatchRequirements, Method
+from stbench.methods.base import BatchRequirements, Method, scored_rows
 
 
 def slide_positions(batch: dict[str, Any]) -> torch.Tensor:
@@ -34,8 +34,10 @@ def slide_mask(batch: dict[str, Any]) -> torch.Tensor:
 
 
 def log_masked_validation(method: Method, batch: dict[str, Any]) -> None:
-    """val/mse and val/mae over the real rows of a (possibly padded) whole-slide batch."""
-    mask = slide_mask(batch)
+    """val/mse and val/mae over the scored rows of a whole-slide batch (validation spots; never
+    padding or the training spots served as their context)."""
+    rows = scored_rows(batch)
+    mask = slide_mask(batch) if rows is None else rows
     pred = method.predict_expression(batch).float()[mask]
     target = batch["expression"].float()[mask]
     n = int(mask.sum())

@@ -19,8 +19,12 @@ import torch.nn.functional as F
 from baselines.merge.graph import hierarchical_edges, symmetric_unique
 from baselines.merge.model import MERGENet
 from stbench.data.features import encoder_dim, feature_key, provider_weights_id
-from stbench.methods.base import BatchRequirements, Method
+from stbench.methods.base import BatchRequirements, Method, scored_rows
 
+# "slide": z-score each channel of the frozen features over the slide's own spots (features only,
+# never targets) - removes a slide's stain/scanner offset, which a GAT trained on 2-3 slides
+# otherwise extrapolates from (README.md, "Deviations").
+FEATURE_NORMS = ("none", "slide")
 SPATIAL_K = 8  # spatial graph: 8 nearest spots (reference: kneighbors_graph(n_neighbors=8))
 
 
@@ -53,6 +57,7 @@ class MERGE(Method):
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
         warmup_every: int = 40,
+        feature_norm: str = "none",
     ) -> None:
         super().__init__(n_genes, genes, lr=lr, weight_decay=weight_decay)
         self.save_hyperparameters()
@@ -64,6 +69,9 @@ class MERGE(Method):
         self.kmeans_init = int(kmeans_init)
         self.warmup_steps, self.warmup_every = max(1, int(warmup_steps)), max(1, int(warmup_every))
         self._edge_cache: dict[str, torch.Tensor] = {}
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"merge: feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
+        self.feature_norm = feature_norm
         self._weights_id: str | None = None
 
     def setup(self, stage: str) -> None:
@@ -82,14 +90,17 @@ class MERGE(Method):
         n_all = batch["index"].shape[0]
         mask = batch.get("mask")
         rows = torch.nonzero(mask).flatten() if mask is not None else torch.arange(n_all, device=self.device)
-        x = batch["features"][self.feature_key][rows].float()
+        raw = batch["features"][self.feature_key][rows].float()
+        x = raw
+        if self.feature_norm == "slide" and len(rows) > 1:
+            x = (raw - raw.mean(0)) / (raw.std(0) + 1e-6)
         local = torch.full((n_all,), -1, dtype=torch.long, device=rows.device)
         local[rows] = torch.arange(len(rows), device=rows.device)
         edges = batch.get("edge_index", torch.zeros(2, 0, dtype=torch.long, device=rows.device))
         edges = local[edges.long()]
         edges = edges[:, (edges >= 0).all(0)]
         if self.hierarchical and len(rows) > 1:
-            extra = self._cluster_edges(batch, rows, x).to(edges.device)
+            extra = self._cluster_edges(batch, rows, raw)  # MERGE clusters the raw features.to(edges.device)
             edges = symmetric_unique(torch.cat([edges, extra], dim=1))
         return rows, x, edges
 
@@ -125,7 +136,10 @@ class MERGE(Method):
         return F.mse_loss(pred, target)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        pred, target = self._real(batch, self.predict_expression(batch).float())
+        rows = scored_rows(batch)
+        pred, target = self.predict_expression(batch).float(), batch["expression"].float()
+        if rows is not None:
+            pred, target = pred[rows], target[rows]
         n = int(target.shape[0])
         self.log("val/mse", F.mse_loss(pred, target), sync_dist=True, batch_size=n, prog_bar=True)
         self.log("val/mae", F.l1_loss(pred, target), sync_dist=True, batch_size=n)

@@ -323,6 +323,10 @@ def _trainer(
         "enable_model_summary": False,
         "log_every_n_steps": 10,
         "default_root_dir": str(jobdir),
+        # Multi-threaded CPU kernels accumulate scatter/gather gradients (every graph method's
+        # `h[src]`) in thread order; without this a job's metrics change run to run. "warn": an
+        # op with no deterministic kernel (some CUDA ones) warns instead of failing the run.
+        "deterministic": "warn",
         **cfg,
     }
     opts["callbacks"] = callbacks + list(opts.pop("callbacks", []))

@@ -159,11 +159,15 @@ class SlideDataset(Dataset):
         items: list[tuple[int, np.ndarray]],
         with_images: bool,
         pad_to: int | None = None,
+        scored: list[np.ndarray | None] | None = None,
     ) -> None:
         self.source = source
         self.items = items
         self.with_images = with_images
         self.pad_to = pad_to
+        # Per item, which rows are scored (validation spots of a training slide served in the
+        # context of their whole slide); None = every real row.
+        self.scored = scored or [None] * len(items)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -176,6 +180,8 @@ class SlideDataset(Dataset):
             codes = None if token is None else np.random.default_rng(token).integers(0, 8, len(rows))
             batch["image"] = self.source.images(s, rows, codes)
         batch["mask"] = torch.ones(len(rows), dtype=torch.bool)
+        if self.scored[i] is not None:
+            batch["score_mask"] = torch.from_numpy(self.scored[i])
         edges = self.source.slides[s].edges
         if edges is not None:
             batch["edge_index"] = _edges_among(edges, rows, self.source.slides[s].n)
@@ -584,8 +590,30 @@ class STDataModule(L.LightningDataModule):
         images = self.patch_spec is not None
         rows = self._rows_of(split)
         if self.whole_slide:
+            if split == "val":
+                return self._whole_slide_validation(source, rows, images)
             return SlideDataset(source, rows, images, pad_to=self.pad_to)
         return SpotDataset(source, [(s, int(r)) for s, rr in rows for r in rr], images)
+
+    def _whole_slide_validation(
+        self, source: _SpotSource, rows: list[tuple[int, np.ndarray]], images: bool
+    ) -> SlideDataset:
+        """Validation spots held out of a training slide are served inside their whole slide (its
+        training spots give the context a whole-slide model sees at test time; their targets are
+        present but not scored): `score_mask` marks the validation rows. A slide whose every spot
+        is validation (a validation slide) is served as it is."""
+        items, scored = [], []
+        for s, val_rows in rows:
+            n = self._data[s].n
+            if len(val_rows) == n:
+                items.append((s, val_rows))
+                scored.append(None)
+                continue
+            flag = np.zeros(n, dtype=bool)
+            flag[val_rows] = True
+            items.append((s, np.arange(n)))
+            scored.append(flag)
+        return SlideDataset(source, items, images, pad_to=self.pad_to, scored=scored)
 
     def _loader(self, ds: Dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
@@ -686,7 +714,7 @@ def _unbatch(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pad(batch: dict[str, Any], size: int) -> dict[str, Any]:
-    """Pad a whole-slide batch to `size` rows: zeros, index -1, spot_id "", mask False."""
+    """Pad a whole-slide batch to `size` rows: zeros, index -1, spot_id "", mask (and score_mask) False."""
     n = len(batch["spot_id"])
     if n > size:
         raise DataError(

@@ -81,8 +81,9 @@ class Method(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         pred = self.predict_expression(batch).float()
         target = batch["expression"].float()
-        if "mask" in batch:  # padded whole-slide batches: score real rows only
-            pred, target = pred[batch["mask"]], target[batch["mask"]]
+        rows = scored_rows(batch)
+        if rows is not None:  # whole-slide batches: padding and context rows are not scored
+            pred, target = pred[rows], target[rows]
         n = int(target.shape[0])
         self.log("val/mse", F.mse_loss(pred, target), sync_dist=True, batch_size=n, prog_bar=True)
         self.log("val/mae", F.l1_loss(pred, target), sync_dist=True, batch_size=n)
@@ -104,6 +105,14 @@ class Method(L.LightningModule):
     def weights_id(self) -> str:
         """Which pretrained weights this run used; `none` = random init / trained from scratch."""
         return "none"
+
+
+def scored_rows(batch: dict[str, Any]) -> torch.Tensor | None:
+    """Rows of a batch whose targets a validation metric may score: `score_mask` (validation spots
+    served inside their whole training slide), else `mask` (real rows of a padded slide), else None
+    (every row)."""
+    rows = batch.get("score_mask", batch.get("mask"))
+    return None if rows is None else rows.bool()
 
 
 def _batch_size(batch: dict[str, Any]) -> int:

@@ -106,3 +106,25 @@ def test_html_renders_in_headless_chromium(report: tuple[Path, Path, Path], tmp_
     region = img[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     assert (region.min(axis=2) < 100).mean() > 0.01  # dark strokes (whiskers, points, medians) inside
     assert ys.min() > 200  # below the page header and the table, where the figure is placed
+
+
+def test_protocol_marker_genes_are_mapped_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A protocol's figure genes (HINGE: KRT6A, GNAS, FXYD2) lead the spatial maps where every
+    prediction has them; absent ones are skipped and the top-variance genes fill the rest."""
+    from stbench.benchmark import report_plots
+    from stbench.data.protocols import get_protocol
+
+    assert get_protocol("hinge").marker_genes == ("KRT6A", "GNAS", "FXYD2")
+    rows = [r for r in result_rows() if r["fold"] == "B4" and r["seed"] == 0]
+    write_predictions(tmp_path, rows)
+    predictions = report_plots.find_predictions([tmp_path])
+    seen: list[list[str]] = []
+    real = report_plots.spatial_maps
+    monkeypatch.setattr(
+        report_plots, "spatial_maps", lambda p, g, slide: seen.append(list(g)) or real(p, g, slide=slide)
+    )
+    entries = [(r["method"], [r]) for r in rows]
+    report_plots.prediction_figures(entries, predictions, marker_genes=("GENE5", "ABSENT", "GENE7"))
+    report_plots.prediction_figures(entries, predictions)
+    assert seen[0][:2] == ["GENE5", "GENE7"] and len(seen[0]) == 3 and "ABSENT" not in seen[0]
+    assert len(seen[1]) == 3 and seen[1] != seen[0]  # without markers: the top-variance genes only

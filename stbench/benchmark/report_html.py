@@ -10,6 +10,7 @@ import base64
 import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from stbench.benchmark import report_plots
 from stbench.benchmark import results as res
@@ -107,7 +108,11 @@ def render_html(
             "rows without a PCC are marked n/a.</figcaption></figure>"
         )
         figs = (
-            report_plots.prediction_figures(list(zip(s.labels, s.entry_rows, strict=True)), predictions)
+            report_plots.prediction_figures(
+                list(zip(s.labels, s.entry_rows, strict=True)),
+                predictions,
+                marker_genes=_markers(s.entry_rows),
+            )
             if predictions
             else None
         )
@@ -126,3 +131,17 @@ def render_html(
         out.append("</section>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def _markers(entry_rows: Sequence[Sequence[Mapping[str, Any]]]) -> list[str]:
+    """Figure genes declared by the protocols of a table's rows (in protocol order, no repeats)."""
+    from stbench.data.protocols import PROTOCOLS
+
+    out: list[str] = []
+    for rows in entry_rows:
+        for r in rows:
+            proto = PROTOCOLS.get(str(r.get("protocol")))
+            for g in proto.marker_genes if proto is not None else ():
+                if g not in out:
+                    out.append(g)
+    return out

@@ -209,9 +209,12 @@ def prediction_figures(
     *,
     n_map_genes: int = 3,
     n_heatmap_genes: int = 20,
+    marker_genes: Sequence[str] = (),
 ) -> tuple[str, bytes, bytes] | None:
     """Maps and heatmaps for one table: entries are (label, rows) in table order. The slide is the
     one most entries predicted (ties by name); each entry uses its lowest (seed, fold) job on it.
+    The maps show `marker_genes` (a protocol's figure genes, e.g. HINGE's KRT6A, GNAS, FXYD2) that
+    every prediction has, then the genes of highest truth variance up to `n_map_genes`.
     Returns (slide, maps PNG, heatmaps PNG) or None when no entry has a prediction file."""
     by_entry: list[tuple[str, dict[str, Path]]] = []
     for label, rows in entries:
@@ -231,6 +234,8 @@ def prediction_figures(
     loaded = [load_prediction(slides[slide], label) for label, slides in by_entry if slide in slides]
     genes = top_variance_genes(loaded[0].truth, loaded[0].genes, max(n_map_genes, n_heatmap_genes))
     usable = [p for p in loaded if set(genes) <= set(p.genes)]
-    maps = spatial_maps(usable, genes[:n_map_genes], slide=slide)
+    markers = [g for g in marker_genes if all(g in p.genes for p in usable)]
+    map_genes = (markers + [g for g in genes if g not in markers])[: max(n_map_genes, len(markers))]
+    maps = spatial_maps(usable, map_genes, slide=slide)
     heat = correlation_heatmaps(usable, genes[:n_heatmap_genes], slide=slide)
     return slide, maps, heat

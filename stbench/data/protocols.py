@@ -41,6 +41,8 @@ class Protocol:
     unit: str = "slide"
     reproduces: str = ""
     fallback_split: str | None = None  # used when the split's required input (e.g. a pool) is absent
+    # Genes the paper maps in its figures: the report's spatial maps show these first where present.
+    marker_genes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for s in (self.split, self.fallback_split):
@@ -217,6 +219,7 @@ PROTOCOLS: dict[str, Protocol] = {
             seeds=(0, 1, 2),
             unit="slide",
             reproduces="HINGE (Table 1; appendix 'Evaluation protocol')",
+            marker_genes=("KRT6A", "GNAS", "FXYD2"),
         ),
         Protocol(
             name="diffbulk",

@@ -57,3 +57,15 @@ def mean_row(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from method_harness import mean_baseline
 
     return mean_baseline(synthetic_root, tmp_path_factory.mktemp("mean-run"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one torch thread avoids OpenMP contention on a busy 2-core machine (the module
+    asks with `pytestmark = pytest.mark.usefixtures("one_thread")`); restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

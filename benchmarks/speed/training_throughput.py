@@ -45,6 +45,9 @@ DEFAULT_METHODS = (
     "triplex",
     "merge",
     "deepspot",
+    "hinge",
+    "stem",
+    "stflow",
 )
 
 

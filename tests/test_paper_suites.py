@@ -1,5 +1,5 @@
-"""Every committed suite parses against the registry, and the issue-5 baselines are in the CI suite
-(tiny configs) and in the paper suites (paper configs) whose tables they belong to."""
+"""Every committed suite parses against the registry, and the issue-5 baselines and the generative
+methods are in the CI suite (tiny configs) and in the paper suites (paper configs) whose tables they belong to."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from stbench.benchmark.suite import load_suite
 
 SUITES = Path(__file__).resolve().parents[1] / "benchmarks" / "suites"
 ISSUE5 = ("stnet", "deepspace", "histogene", "hist2st", "bleep", "triplex", "merge", "deepspot")
+GENERATIVE = ("hinge", "stem", "stflow")
 
 
 def _methods(suite, config: str | None = None) -> set[str]:
@@ -24,12 +25,12 @@ def test_suite_parses(path: Path) -> None:
 
 
 def test_ci_suite_runs_every_baseline_tiny() -> None:
-    assert set(ISSUE5) <= _methods(load_suite(SUITES / "ci.yaml"), "tiny")
+    assert set(ISSUE5) | set(GENERATIVE) <= _methods(load_suite(SUITES / "ci.yaml"), "tiny")
 
 
 def test_paper_suites_hold_their_tables_rows() -> None:
     hinge = load_suite(SUITES / "hinge-table1.yaml")
-    assert {"stnet", "bleep", "triplex", "merge"} <= _methods(hinge, "paper")
+    assert {"stnet", "bleep", "triplex", "merge", *GENERATIVE} <= _methods(hinge, "paper")
     assert {e.protocols for e in hinge.grid} == {("hinge",)}
     diffbulk = load_suite(SUITES / "diffbulk-table1.yaml")
     assert {"stnet", "deepspace", "histogene", "bleep"} <= _methods(diffbulk, "paper")

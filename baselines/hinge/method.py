@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from baselines._scfm import Backbone, build_backbone
 from baselines.hinge.gaussian import GaussianDiffusion
 from baselines.hinge.masking import (
+    LOSSES,
     MaskSchedule,
     masked_loss,
     masked_sample,
@@ -92,6 +93,7 @@ class Hinge(Method):
         super().__init__(n_genes, genes, lr=lr, weight_decay=weight_decay)
         for opt, val, allowed in (
             ("objective", objective, OBJECTIVES),
+            ("loss", loss, LOSSES),
             ("mask_fill", mask_fill, FILLS),
             ("select_on", select_on, tuple(SELECT_ON)),
             ("target_norm", target_norm, TARGET_NORMS),
@@ -141,18 +143,6 @@ class Hinge(Method):
         self.register_buffer("y_std", torch.ones(self.n_genes))
         self.register_buffer("h_mean", torch.zeros(hist_dim))
         self.register_buffer("h_scale", torch.ones(()))
-
-    @classmethod
-    def gene_vocabulary(cls, config: dict[str, Any]) -> list[str] | None:
-        """The backbone vocabulary's symbols (config `vocab`), so protocols with `use_vocabulary`
-        (`hinge`) pick the panel inside it; None without a vocabulary file (random-init backbones
-        number any panel 1..G)."""
-        vocab = config.get("vocab")
-        if vocab is None:
-            return None
-        from baselines._scfm.vocab import GeneVocab
-
-        return GeneVocab.from_file(vocab).symbols
 
     # ---- data ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -203,6 +203,7 @@ def run_job(
         include_counts=reqs.counts,
         graph=reqs.graph,
         features=feature_fns,
+        vocabulary=method_cls.gene_vocabulary(job.config.get("method", {})),
         **data_cfg,
     )
     dm.prepare_data()

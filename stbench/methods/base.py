@@ -59,6 +59,13 @@ class Method(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
 
+    @classmethod
+    def gene_vocabulary(cls, config: dict[str, Any]) -> list[str] | None:
+        """Gene symbols this method can model with `config` (e.g. a foundation model's vocabulary),
+        or None = any gene. Protocols that declare `use_vocabulary` (HINGE's) select the panel
+        among these genes only, on training slides, before any method sees data."""
+        return None
+
     # ---- the evaluation entry point ----------------------------------------------------------
     def predict_expression(self, batch: dict[str, Any]) -> torch.Tensor:
         """(B, G) predictions in the protocol's target space. Generative methods average their

@@ -112,9 +112,11 @@ class ValueEncoder(nn.Module):
 
 
 def srms_norm(x: torch.Tensor) -> torch.Tensor:
-    """Parameter-free RMS norm over the last axis, in float32: x / max(rms(x), 1e-12)."""
+    """Parameter-free RMS norm over the last axis, in float32: x / sqrt(max(mean(x^2), 1e-24)).
+    Clamped BEFORE the square root: a head whose ReLU kernels output all zeros has mean(x^2) = 0, and
+    the gradient of sqrt at 0 is infinite (NaN through the clamp) even though the value is fine."""
     xf = x.float()
-    rms = xf.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
+    rms = xf.pow(2).mean(dim=-1, keepdim=True).clamp_min(1e-24).sqrt()
     return (xf / rms).to(x.dtype)
 
 

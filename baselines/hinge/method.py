@@ -33,13 +33,13 @@ from baselines.hinge.model import LORA_TARGETS, HingeNet
 from baselines.probe_ridge.method import training_arrays
 from stbench.data.features import encoder_dim, feature_key, provider_weights_id
 from stbench.methods.base import BatchRequirements, Method
+from stbench.methods.sampling import spot_generators
 
 OBJECTIVES = ("masked", "gaussian")
 TARGET_NORMS = ("none", "standard")
 HIST_NORMS = ("none", "center_scale")
 FILLS = ("zero", "randn")
 SELECT_ON = {"masked_mse": "val/masked_mse", "sample_mse": "val/mse"}
-_SALT = {"val": 1, "predict": 2}
 
 
 class Hinge(Method):
@@ -172,10 +172,9 @@ class Hinge(Method):
     def _hist(self, batch: dict[str, Any]) -> torch.Tensor:
         return (batch["features"][self.key].float() - self.h_mean) / self.h_scale
 
-    def _generators(self, index: torch.Tensor, salt: str) -> list[torch.Generator]:
-        """One CPU generator per spot, seeded by (sample_seed, global spot index, purpose)."""
-        base = (self.sample_seed * 1_000_003) * 8 + _SALT[salt]
-        return [torch.Generator().manual_seed(base + 8 * int(i)) for i in index.tolist()]
+    def _generators(self, index: torch.Tensor, purpose: str) -> list[torch.Generator]:
+        """One CPU generator per spot, seeded by (sample_seed, purpose, global spot index)."""
+        return spot_generators(index, self.sample_seed, f"hinge:{purpose}")
 
     # ---- the network under the diffusion objectives ----------------------------------------------
     def denoise(

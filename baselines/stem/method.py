@@ -28,35 +28,23 @@ import torch.nn.functional as F
 from baselines.stem.diffusion import DECODER_NLL, GaussianDiffusion, randn
 from baselines.stem.ema import EMA
 from baselines.stem.model import StemDiT
-from stbench.data.features import feature_key, provider_weights_id
+from stbench.data.features import encoder_dim, feature_key, provider_weights_id
+from stbench.errors import UnknownNameError
 from stbench.methods.base import BatchRequirements, Method
+from stbench.methods.sampling import spot_generators
 
 NORMALIZE = ("none", "standard")
 SAMPLERS = ("ancestral", "ddim")
 VAL_METRICS = ("ddim", "loss")
-STREAM_PREDICT, STREAM_VAL_SAMPLE, STREAM_VAL_LOSS = 0, 1, 2
+STREAM_PREDICT, STREAM_VAL_SAMPLE, STREAM_VAL_LOSS = "stem:predict", "stem:val-sample", "stem:val-loss"
 
 
-def spot_generators(
-    index: torch.Tensor, seed: int, stream: int, device: torch.device | str
-) -> list[torch.Generator]:
-    """One generator per spot, seeded from (seed, stream, global spot index) through numpy's
-    SeedSequence (well-mixed seeds for neighbouring indices)."""
-    gens = []
-    for i in index.tolist():
-        state = np.random.SeedSequence([int(seed), int(stream), int(i)]).generate_state(2, np.uint32)
-        gens.append(torch.Generator(device=device).manual_seed(int(state[0]) << 31 | int(state[1]) >> 1))
-    return gens
-
-
-def training_targets(datamodule: Any, key: str) -> tuple[int, np.ndarray]:
-    """(feature dim, float64 targets of every training spot): what setup needs, without holding
-    the training features in memory (1536-d per spot at the paper's scale)."""
-    dim, ys = 0, []
-    for b in datamodule.train_dataloader():
-        dim = int(b["features"][key].shape[1])
-        ys.append(b["expression"].double().numpy())
-    return dim, np.concatenate(ys)
+def _known_encoder_dim(encoder: str, overrides: dict[str, Any] | None) -> int | None:
+    """Feature width of a registered encoder, or None for a name only a test knows."""
+    try:
+        return encoder_dim(encoder, overrides)
+    except UnknownNameError:
+        return None
 
 
 class Stem(Method):
@@ -72,6 +60,7 @@ class Stem(Method):
         encoder: str = "uni+conch",
         weights: str = "default",
         encoder_overrides: dict[str, Any] | None = None,
+        in_dim: int | None = None,
         hidden: int = 384,
         depth: int = 12,
         heads: int = 6,
@@ -128,6 +117,10 @@ class Stem(Method):
         self.register_buffer("x_lo", torch.full((n_genes,), -torch.inf))
         self.register_buffer("x_hi", torch.full((n_genes,), torch.inf))
         self._weights_id: str | None = None
+        self._stats_fitted = False
+        dim = in_dim if in_dim is not None else _known_encoder_dim(encoder, encoder_overrides)
+        if dim is not None:  # built now, so a checkpoint loads into it before any setup
+            self.build(int(dim))
 
     # ---- construction --------------------------------------------------------------------------
     def build(self, cond_dim: int) -> StemDiT:
@@ -136,14 +129,14 @@ class Stem(Method):
         return self.net
 
     def setup(self, stage: str) -> None:
-        """Build the DiT from the served feature dim; on fit, fit the target scaler (once)."""
+        """On fit, fit the target scaler and sampler range on training spots (once)."""
         dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is None or self.net is not None:
+        if dm is None:
             return
-        dim, y = training_targets(dm, self.key)
-        self.build(dim)
-        if stage == "fit":
-            self.fit_target_stats(y)
+        self._require_net()
+        if stage == "fit" and not self._stats_fitted:
+            self.fit_target_stats(dm.train_targets())
+            self._stats_fitted = True
         self._weights_id = provider_weights_id(dm, self.key)
 
     def fit_target_stats(self, y: np.ndarray) -> None:
@@ -159,7 +152,8 @@ class Stem(Method):
     def _require_net(self) -> StemDiT:
         if self.net is None:
             raise RuntimeError(
-                "stem: the network is built in setup(); run it through a Trainer or call build()"
+                "stem: encoder is not a registered encoder, so the feature width is unknown; pass in_dim "
+                "or call build(dim)"
             )
         return self.net
 
@@ -213,7 +207,7 @@ class Stem(Method):
         n_samples: int,
         sampler: str,
         steps: int | None,
-        stream: int = STREAM_PREDICT,
+        stream: str = STREAM_PREDICT,
     ) -> torch.Tensor:
         """(B, n_samples, G) samples in model space, each spot's from its own generator; spots are
         sampled in chunks of at most `sample_chunk_rows` rows (a memory bound: a spot's samples do

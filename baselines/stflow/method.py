@@ -14,7 +14,6 @@ under DDP and in one process, whatever the padding.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ from baselines.stflow.prior import ZINBPrior, euler_sample, interpolate
 from stbench.data.context import spot_graph
 from stbench.data.features import encoder_dim, feature_key, provider_weights_id
 from stbench.methods.base import BatchRequirements, Method
+from stbench.methods.sampling import group_generator
 
 K_NEIGHBOURS = 8  # the authors' n_neighbors; the DataModule's graph must contain every spot's 8-NN
 KNN_GRAPH = {"kind": "knn", "k": K_NEIGHBOURS}
@@ -174,9 +174,9 @@ class STFlow(Method):
 
     def _generator(self, batch: dict[str, Any], keep: torch.Tensor) -> torch.Generator:
         """CPU generator from the spots' global indices: the same noise for a slide on any rank."""
-        idx = batch["index"][keep.to(batch["index"].device)].detach().cpu().numpy().astype("<i8")
-        h = hashlib.sha256(f"stflow:{self.sample_seed}:".encode() + idx.tobytes()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & (2**63 - 1))
+        return group_generator(
+            batch["index"][keep.to(batch["index"].device)], self.sample_seed, "stflow:predict"
+        )
 
     # ---- prediction --------------------------------------------------------------------------------
     def sample(self, rows: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:

@@ -28,7 +28,8 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from stbench.data.genes import GenePanel, panel_matrix, select_genes, spot_totals
 from stbench.data.normalize import TargetTransform
@@ -445,8 +446,16 @@ class STDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=batch_size or self.eval_batch_size, num_workers=self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
-        """The test spots without targets or counts, so no method can read them while predicting."""
-        return self._loader(self._dataset("test", targets=False), batch_size=self.eval_batch_size)
+        """The test spots without targets or counts, so no method can read them while predicting.
+
+        Under DDP with fewer items than ranks (a whole-slide test fold of one slide on 2 ranks),
+        Lightning's non-repeating predict sampler would leave a rank empty and fail; a padding
+        DistributedSampler repeats items instead, and the prediction writer drops the repeats."""
+        ds = self._dataset("test", targets=False)
+        sampler = None
+        if dist.is_available() and dist.is_initialized() and len(ds) < dist.get_world_size():
+            sampler = DistributedSampler(ds, shuffle=False, drop_last=False)
+        return self._loader(ds, batch_size=self.eval_batch_size, sampler=sampler)
 
     # ---- internals -------------------------------------------------------------------------
     def _load_slides(self) -> list[Slide]:
@@ -483,19 +492,19 @@ class STDataModule(L.LightningDataModule):
             held.setdefault(n, []).append(i)
         return {n: np.array(sorted(rows), dtype=np.int64) for n, rows in held.items()}
 
+    def train_targets(self) -> np.ndarray:
+        """(n_train, G) float64 targets of the training spots (validation spots excluded), slide by
+        slide: what a method may fit statistics on (scalers, ranges). Never validation or test."""
+        self._require_setup()
+        parts = [self.targets(n).to_numpy(np.float64)[self._train_rows(n)] for n in self.train_slides]
+        if not parts or sum(len(p) for p in parts) == 0:
+            raise DataError("no training spots", field="train")
+        return np.concatenate(parts)
+
     def train_target_mean(self) -> np.ndarray:
         """(G,) mean target over the training spots (validation spots excluded): the mean predictor,
         and the starting bias of regression heads. Never touches validation or test spots."""
-        self._require_setup()
-        total = np.zeros(self.n_genes, dtype=np.float64)
-        count = 0
-        for name in self.train_slides:
-            rows = self.targets(name).to_numpy(np.float64)[self._train_rows(name)]
-            total += rows.sum(axis=0)
-            count += rows.shape[0]
-        if count == 0:
-            raise DataError("no training spots to average", field="train")
-        return total / count
+        return self.train_targets().mean(axis=0)
 
     def _train_rows(self, slide: str) -> np.ndarray:
         n = self.slides[slide].n_spots

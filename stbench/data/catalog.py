@@ -44,6 +44,10 @@ class DatasetCard:
     fold_groups: tuple[tuple[str, ...], ...] | None = None  # explicit k-fold groups (DiffBulk)
     spot_diameter_um: float | None = None
     notes: str = ""
+    # Default pseudo-bulk tiling (TilingSpec fields, stbench.data.pseudobulk): when set, every slide is
+    # turned into tiles after reading. reader_options["tiling"] (a dict merged over this, True for
+    # the defaults, False/None for no tiling) overrides it; see docs/pseudobulk.md.
+    pseudobulk: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -55,6 +59,7 @@ class DatasetCard:
             "reader": self.reader,
             "protocol": self.default_protocol,
             "access": self.access,
+            "tiles": f"{self.pseudobulk.get('aggregate', 'transcripts')} tiles" if self.pseudobulk else "-",
         }
 
 
@@ -150,6 +155,9 @@ register_dataset(
     )
 )
 
+# DiffBulk's tiles: 224 px at 20x (0.5 um/px) = 112 um, no overlap; thresholds at their defaults.
+_DIFFBULK_TILES = {"tile_px": 224, "tile_mpp": 0.5}
+
 _HEST_HOWTO = (
     "HEST-1k is on the Hugging Face hub (MahmoodLab/hest, gated: accept the terms on "
     "https://huggingface.co/datasets/MahmoodLab/hest, then huggingface-cli download with your token). "
@@ -158,8 +166,22 @@ _HEST_HOWTO = (
 )
 
 for _name, _title, _tissue, _n, _note in (
-    ("hest-bowel", "HEST-1k bowel Xenium sections (DiffBulk)", "bowel", 3, "541 genes, 16,816 tiles"),
-    ("hest-pancreas", "HEST-1k pancreas Xenium sections (DiffBulk)", "pancreas", 3, "538 genes, 7,501 tiles"),
+    (
+        "hest-bowel",
+        "HEST-1k bowel Xenium sections (DiffBulk)",
+        "bowel",
+        3,
+        "541 genes, 16,816 tiles. The paper does not name its 3 samples; HEST-1k's human bowel Xenium "
+        "sections are TENX111, TENX114, TENX139, TENX147, TENX148, TENX149 (reader option ids picks them)",
+    ),
+    (
+        "hest-pancreas",
+        "HEST-1k pancreas Xenium sections (DiffBulk)",
+        "pancreas",
+        3,
+        "538 genes, 7,501 tiles. HEST-1k's human pancreas Xenium sections are TENX116 (538 genes), "
+        "TENX126 and TENX140",
+    ),
 ):
     register_dataset(
         DatasetCard(
@@ -177,7 +199,10 @@ for _name, _title, _tissue, _n, _note in (
             default_protocol="diffbulk",
             citation="Jaume G. et al. HEST-1k: A Dataset for Spatial Transcriptomics and Histology Image "
             "Analysis. NeurIPS Datasets and Benchmarks (2024).",
-            notes=f"Xenium pseudo-bulk 224 px tiles at ~0.5 um/px; {_note} (DiffBulk paper).",
+            notes=f"Xenium pseudo-bulk 224 px tiles at ~0.5 um/px from transcripts/<id>_transcripts.parquet "
+            f"(he_x/he_y); {_note} (DiffBulk paper).",
+            spot_diameter_um=112.0,
+            pseudobulk={**_DIFFBULK_TILES, "aggregate": "transcripts"},
         )
     )
 
@@ -185,19 +210,24 @@ register_dataset(
     DatasetCard(
         name="crunchdao-bowel",
         title="CrunchDAO Autoimmune Crunch bowel Xenium (DiffBulk)",
-        reader="xenium",
+        reader="crunchdao",
         platform="xenium",
         tissue="bowel (IBD)",
         n_slides=7,
         n_patients=None,
         source_url="https://hub.crunchdao.com/competitions/autoimmune-crunch-1",
-        how_to_get="Register for the CrunchDAO Autoimmune Crunch, download its Xenium outputs + H&E; "
-        "stbench data prepare crunchdao-bowel --source DIR",
+        how_to_get="Register for the CrunchDAO Autoimmune Crunch (Broad-1), download the Crunch 1 data "
+        "(one SpatialData <sample>.zarr per section: UC1_NI, UC1_I, UC6_NI, UC6_I, UC7_I, UC9_I, DC1, DC5; "
+        "crunch1_min suffices) into one folder; stbench data prepare crunchdao-bowel --source DIR",
         access="registration required",
         licence="competition terms",
         citation="Broad Institute / CrunchDAO Autoimmune Disease Machine Learning Challenge (2025).",
         default_protocol="diffbulk",
-        notes="460 genes, 13,021 tiles in DiffBulk.",
+        notes="460 genes, 13,021 tiles in DiffBulk (7 sections). Tiles sum the nuclei of the anucleus "
+        "table (raw counts layer) by their HE_nuc_original centroid on HE_original. Patient = name up to "
+        "'_' (UC1_I and UC1_NI are one patient).",
+        spot_diameter_um=112.0,
+        pseudobulk={**_DIFFBULK_TILES, "aggregate": "cells"},
     )
 )
 

@@ -3,6 +3,13 @@
 Parsed slides are cached as .h5ad under `<data root>/<name>/cache/slides/`, keyed by the sha256
 of the files they came from (recorded by `prepare`), the reader and its options: a changed input
 file gives a new key, so stale parses are never reused.
+
+Pseudo-bulk tiling (stbench.data.pseudobulk): a card with `pseudobulk` set (hest-bowel,
+hest-pancreas, crunchdao-bowel) turns every slide into tiles right after reading; the tiling
+parameters join the cache key. Override, in increasing precedence: the card's
+`reader_options["tiling"]` (a dict merged over `card.pseudobulk`, True = defaults, False/None =
+no tiling; this is how a plain `xenium` card gets tiled) and `Dataset.open(name, tiling=...)`
+(same values). The "tiling" option is never passed to the reader.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ import anndata as ad
 
 from stbench.data import paths
 from stbench.data.catalog import DatasetCard, get_card
-from stbench.data.image import SlideImage
+from stbench.data.image_regions import open_slide_image
+from stbench.data.pseudobulk import TilingSpec, tile_slide
 from stbench.data.readers import SlideReader, get_reader
 from stbench.data.slide import Slide
 from stbench.errors import DataError
@@ -23,13 +31,48 @@ from stbench.utils.io import atomic_path, sha256_file, stable_hash
 
 # Bump when a reader's output for the same files changes, so cached parses are rebuilt.
 SLIDE_CACHE_VERSION = 1
+_UNSET: Any = object()
+
+
+def resolve_tiling(card: DatasetCard, override: Any = _UNSET) -> TilingSpec | None:
+    """The tiling a dataset's slides get: card.pseudobulk, then reader_options["tiling"], then
+    `override`; each layer is a dict (merged over the previous one), True (keep / use defaults)
+    or False/None (no tiling)."""
+    spec: dict[str, Any] | None = dict(card.pseudobulk) if card.pseudobulk is not None else None
+    for layer in (card.reader_options.get("tiling", _UNSET), override):
+        if layer is _UNSET:
+            continue
+        if layer is None or layer is False:
+            spec = None
+        elif layer is True:
+            spec = spec if spec is not None else {}
+        elif isinstance(layer, TilingSpec):
+            spec = layer.key()
+            spec.pop("version")
+        elif isinstance(layer, dict):
+            base = dict(spec or {})
+            if "tile_um" in layer:  # the tile side given in um replaces an inherited scale, and back
+                base.pop("tile_mpp", None)
+            if "tile_mpp" in layer:
+                base.pop("tile_um", None)
+            spec = {**base, **layer}
+        else:
+            raise DataError(
+                f"tiling must be a dict, True, False or None, got {type(layer).__name__}", field="tiling"
+            )
+    return TilingSpec.from_options(spec) if spec is not None else None
 
 
 class Dataset:
     def __init__(
-        self, card: DatasetCard, data_root: str | Path | None = None, manifest: dict[str, Any] | None = None
+        self,
+        card: DatasetCard,
+        data_root: str | Path | None = None,
+        manifest: dict[str, Any] | None = None,
+        tiling: Any = _UNSET,
     ) -> None:
         self.card = card
+        self.tiling = resolve_tiling(card, tiling)
         self.data_root = paths.data_root(data_root)
         self.raw = paths.raw_dir(card.name, self.data_root)
         self.cache = paths.cache_dir(card.name, self.data_root)
@@ -37,7 +80,7 @@ class Dataset:
         self._reader: SlideReader | None = None
 
     @classmethod
-    def open(cls, name: str, data_root: str | Path | None = None) -> Dataset:
+    def open(cls, name: str, data_root: str | Path | None = None, tiling: Any = _UNSET) -> Dataset:
         card = get_card(name)
         mpath = paths.manifest_path(name, data_root)
         if not mpath.exists():
@@ -55,13 +98,14 @@ class Dataset:
                 file=mpath,
                 field="manifest",
             ) from exc
-        return cls(card, data_root, manifest)
+        return cls(card, data_root, manifest, tiling=tiling)
 
     # ---- metadata (from the manifest: no parsing) ----------------------------------------
     @property
     def reader(self) -> SlideReader:
         if self._reader is None:
-            self._reader = get_reader(self.card.reader)(self.raw, **self.card.reader_options)
+            options = {k: v for k, v in self.card.reader_options.items() if k != "tiling"}
+            self._reader = get_reader(self.card.reader)(self.raw, **options)
         return self._reader
 
     @property
@@ -90,21 +134,25 @@ class Dataset:
     # ---- slides --------------------------------------------------------------------------
     def slide_cache_path(self, slide: str) -> Path:
         entry = self._check_known(slide)
-        key = stable_hash(
-            {
-                "files": entry.get("files", {}),
-                "reader": self.card.reader,
-                "options": self.card.reader_options,
-                "version": SLIDE_CACHE_VERSION,
-            }
-        )
-        return self.cache / "slides" / f"{slide}-{key}.h5ad"
+        inputs: dict[str, Any] = {
+            "files": entry.get("files", {}),
+            "reader": self.card.reader,
+            "options": {k: v for k, v in self.card.reader_options.items() if k != "tiling"},
+            "version": SLIDE_CACHE_VERSION,
+        }
+        if self.tiling is not None:  # untiled keys stay what they were before tiling existed
+            inputs["tiling"] = self.tiling.key()
+        return self.cache / "slides" / f"{slide}-{stable_hash(inputs)}.h5ad"
 
     def load_slide(self, slide: str) -> Slide:
         path = self.slide_cache_path(slide)
         if path.exists():
             return self._from_cache(path)
-        parsed = self.reader.read_slide(slide).validate()
+        parsed = self.reader.read_slide(slide)
+        if self.tiling is not None:
+            # cells may sit just outside a cropped image: only the tiles must lie inside it
+            parsed = tile_slide(parsed.validate(check_image_bounds=False), self.tiling)
+        parsed = parsed.validate()
         self._to_cache(parsed, path)
         return parsed
 
@@ -139,7 +187,7 @@ class Dataset:
     def _from_cache(self, path: Path) -> Slide:
         a = ad.read_h5ad(path)
         m = a.uns.pop("stbench")
-        image = SlideImage(Path(m["image"]), page=int(m["image_page"])) if m["image"] else None
+        image = open_slide_image(Path(m["image"]), page=int(m["image_page"])) if m["image"] else None
         return Slide(
             name=str(m["name"]),
             patient=str(m["patient"]),

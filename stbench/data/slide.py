@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from stbench.data.image import SlideImage
 from stbench.errors import DataError
 
-PLATFORMS = ("st", "visium", "visium-hd", "xenium", "synthetic", "other")
+PLATFORMS = ("st", "visium", "visium-hd", "xenium", "xenium-pseudobulk", "synthetic", "other")
 
 
 @dataclass

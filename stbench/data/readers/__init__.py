@@ -7,6 +7,7 @@ __all__ = ["READERS", "SlideReader", "get_reader", "register_reader"]
 # Each import registers its reader. Keep alphabetical; a new format = a new module + a line here.
 from stbench.data.readers import (  # noqa: E402,F401
     anndata_reader,
+    crunchdao,
     cscc,
     her2st,
     hest,

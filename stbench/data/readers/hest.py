@@ -6,7 +6,9 @@
                           corner of each patch, barcode (N, 1); recorded in meta["hest_patches"]
     metadata/<id>.json    pixel_size_um_estimated, pixel_size_um_embedded, spot_diameter and
                           inter_spot_dist (um), st_technology, patient, dataset_title, organ, ...
-    transcripts/<id>_transcripts.parquet   Xenium samples only; recorded in meta["hest_transcripts"]
+    transcripts/<id>_transcripts.parquet   Xenium samples only; recorded in meta["hest_transcripts"];
+                          pseudo-bulk tiling sums its rows by he_x/he_y (WSI pixels after HEST's
+                          non-rigid registration), see stbench/data/pseudobulk.py
 
 HEST-Bench task folders (bench_data/<TASK>/adata/<id>.h5ad + patches/, no metadata, no WSI) read
 too: `adata/` stands in for `st/`, and mpp/patient fall back to None/the sample id.
@@ -95,7 +97,13 @@ class HestReader(SlideReader):
 
     def slide_files(self, slide: str) -> list[Path]:
         files = [self.h5ad_file(slide)]
-        for p in (self.wsi_file(slide), self.metadata_file(slide), self.patches_file(slide)):
+        # transcripts (Xenium samples) feed pseudo-bulk tiles: checksummed so changes invalidate them
+        for p in (
+            self.wsi_file(slide),
+            self.metadata_file(slide),
+            self.patches_file(slide),
+            self.transcripts_file(slide),
+        ):
             if p is not None and p.exists():
                 files.append(p)
         return files

@@ -257,7 +257,9 @@ class XeniumReader(SlideReader):
 
     def slide_files(self, slide: str) -> list[Path]:
         files = [self.matrix_file(slide), self.cells_file(slide)]
-        for p in (self.he_image_file(slide), self.alignment_file(slide), self.morphology_file(slide)):
+        tx = first_existing(self.slide_dir(slide), ("transcripts.parquet", "transcripts.csv.gz"))
+        # transcripts feed pseudo-bulk tiles, so a changed file must invalidate cached tiles
+        for p in (self.he_image_file(slide), self.alignment_file(slide), self.morphology_file(slide), tx):
             if p is not None:
                 files.append(p)
         return files

@@ -12,6 +12,7 @@ from stbench.benchmark.suite import load_suite
 SUITES = Path(__file__).resolve().parents[1] / "benchmarks" / "suites"
 ISSUE5 = ("stnet", "deepspace", "histogene", "hist2st", "bleep", "triplex", "merge", "deepspot")
 GENERATIVE = ("hinge", "stem", "stflow")
+TWO_STAGE = ("diffbulk",)
 
 
 def _methods(suite, config: str | None = None) -> set[str]:
@@ -25,7 +26,9 @@ def test_suite_parses(path: Path) -> None:
 
 
 def test_ci_suite_runs_every_baseline_tiny() -> None:
-    assert set(ISSUE5) | set(GENERATIVE) <= _methods(load_suite(SUITES / "ci.yaml"), "tiny")
+    ci = load_suite(SUITES / "ci.yaml")
+    assert set(ISSUE5) | set(GENERATIVE) | set(TWO_STAGE) <= _methods(ci, "tiny")
+    assert "diffbulk" in _methods(ci, "ablations/fm_only")  # the FM-branch-only ablation beside it
 
 
 def test_paper_suites_hold_their_tables_rows() -> None:
@@ -33,6 +36,6 @@ def test_paper_suites_hold_their_tables_rows() -> None:
     assert {"stnet", "bleep", "triplex", "merge", *GENERATIVE} <= _methods(hinge, "paper")
     assert {e.protocols for e in hinge.grid} == {("hinge",)}
     diffbulk = load_suite(SUITES / "diffbulk-table1.yaml")
-    assert {"stnet", "deepspace", "histogene", "bleep"} <= _methods(diffbulk, "paper")
+    assert {"stnet", "deepspace", "histogene", "bleep", "diffbulk"} <= _methods(diffbulk, "paper")
     assert {"probe-ridge", "finetune"} <= _methods(diffbulk)
     assert {e.protocols for e in diffbulk.grid} == {("diffbulk",)}

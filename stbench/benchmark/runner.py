@@ -332,7 +332,30 @@ def _trainer(
     }
     opts["callbacks"] = callbacks + list(opts.pop("callbacks", []))
     opts["logger"] = _loggers(loggers, jobdir, job)
-    return L.Trainer(**opts), ckpt_cb
+    trainer = L.Trainer(**opts)
+    # What a method's own stage needs to build a Trainer like this one (see `stage_trainer`).
+    trainer.stbench_options = {k: v for k, v in opts.items() if k not in ("callbacks", "logger")}
+    return trainer, ckpt_cb
+
+
+def stage_trainer(trainer: Any, **overrides: Any) -> L.Trainer:
+    """A Trainer for a method's extra stage (DiffBulk's pre-training) on the job's accelerator,
+    devices, strategy, precision and determinism, without the job's checkpointing, prediction writer
+    or loggers (the stage saves what it produces itself)."""
+    base = dict(getattr(trainer, "stbench_options", {}))
+    for key in ("max_epochs", "check_val_every_n_epoch", "limit_train_batches", "limit_val_batches"):
+        base.pop(key, None)
+    opts = {
+        **base,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        "default_root_dir": str(trainer.default_root_dir),
+        **overrides,
+    }
+    return L.Trainer(**opts)
 
 
 def _loggers(names: Sequence[str], jobdir: Path, job: Job) -> list[Any] | bool:

@@ -84,3 +84,29 @@ def test_sampled_predictions_are_the_same_on_two_ranks(
     assert list(p1.obs_names) == list(p2.obs_names)
     np.testing.assert_allclose(p1.X, p2.X, atol=1e-5, rtol=0)
     assert r2["metrics"]["pcc"] == pytest.approx(r1["metrics"]["pcc"], abs=1e-5)
+
+
+def test_two_stage_method_trains_under_ddp_and_predicts_like_one_process(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """DiffBulk's stage I runs under its own Trainer built like the job's (2 gloo ranks here), then
+    stage II under the job's Trainer; the stage I file is written once, and a 2-rank prediction of
+    the trained checkpoint equals the 1-rank one (per-spot seeded feature noise)."""
+    root = tmp_path_factory.mktemp("ddp-diffbulk")
+    data_root = root / "data"
+    base = [*_base("diffbulk"), "--method.stage1_steps", "6"]
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    fit = ["--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"]
+    train = _run([*base, *fit, *ddp, "--output", str(root / "t")], data_root)
+    job = root / "t" / "jobs" / train["job_id"]
+    assert (job / "stage1" / "stage1.pt").exists()
+    assert train["weights"] == "fm=none; stage1=trained in job (6 steps, power EMA 0.1)"
+    ckpt = job / "checkpoints" / "best.ckpt"
+    r1 = _run([*base, "--checkpoint", str(ckpt), "--output", str(root / "one")], data_root)
+    r2 = _run([*base, "--checkpoint", str(ckpt), *ddp, "--output", str(root / "two")], data_root)
+    p1, p2 = (
+        ad.read_h5ad(root / name / "jobs" / r["job_id"] / "predictions" / "P0S0.h5ad")
+        for name, r in (("one", r1), ("two", r2))
+    )
+    np.testing.assert_allclose(p1.X, p2.X, atol=1e-5, rtol=0)
+    assert r1["weights"] == r2["weights"] == "fm=none; stage1=from the loaded checkpoint"

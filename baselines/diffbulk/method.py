@@ -167,6 +167,13 @@ class DiffBulk(Method):
             path = Path(trainer.default_root_dir) / STAGE1_FILE
             save_stage1(path, self.stage1, self.unet_cfg, GeneVocabulary(list(datamodule.genes)), info)
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """A checkpoint carries the frozen stage I network: record that it came from there."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self.stage1 is not None and any(k.startswith("stage1.") for k in state_dict):
+            self._stage1_source = "from the loaded checkpoint"
+        return result
+
     # ---- stage II ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None

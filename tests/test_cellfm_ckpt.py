@@ -269,3 +269,24 @@ def test_interoperates_with_google_protobuf(tmp_path: Path) -> None:
         np.frombuffer(ge.tensor_content, "<f4").reshape(104, 32), m.gene_emb.detach().numpy()
     )
     assert set(got) == set(_ms_items(m))
+
+
+GENUINE = Path(__file__).resolve().parent / "data" / "cellfm_tiny_mindspore.ckpt"
+
+
+def test_reads_a_checkpoint_written_by_mindspore_itself() -> None:
+    """tests/data/cellfm_tiny_mindspore.ckpt was written by `mindspore.save_checkpoint`
+    (mindspore 2.10.0 from PyPI, cp311; see tests/fixtures/mindspore_ckpt.py) from the weights of
+    `_tiny(0)` under MindSpore's key names, plus Adam moments of two tensors and a global step. The
+    reader loads it into a tiny CellFM exactly and skips the optimiser state."""
+    m = _tiny(0)
+    loaded = build_backbone("cellfm", "tiny", checkpoint=GENUINE)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    rep = loaded.ckpt_report
+    assert sorted(rep.skipped_optimiser) == sorted(
+        f"moment{i}.{k}" for i in (1, 2) for k in ("gene_emb", "cls_token")
+    )
+    assert rep.skipped_non_model == ["global_step"]
+    v, ids, vis = _inputs()
+    assert torch.equal(m(v, ids, vis), loaded.eval()(v, ids, vis))

@@ -168,9 +168,14 @@ class DiffBulk(Method):
             save_stage1(path, self.stage1, self.unet_cfg, GeneVocabulary(list(datamodule.genes)), info)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """A checkpoint carries the frozen stage I network: record that it came from there."""
+        """A checkpoint carries the frozen stage I network: record that it came from there, unless
+        this job trained it (Lightning restores the job's own best checkpoint before predicting)."""
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if self.stage1 is not None and any(k.startswith("stage1.") for k in state_dict):
+        if (
+            self.stage1 is not None
+            and self._stage1_source == "none"
+            and any(k.startswith("stage1.") for k in state_dict)
+        ):
             self._stage1_source = "from the loaded checkpoint"
         return result
 

@@ -195,12 +195,7 @@ def load_scgpt_state(
             file=file,
             field=names[0],
         )
-    with torch.no_grad():
-        for key, targets in plan:
-            for t, chunk in zip(targets, state[key].chunk(len(targets)), strict=True):
-                params[t].copy_(chunk.to(params[t].dtype))
-            report.loaded.append(key)
-    return report
+    return apply_load_plan(params, state, plan, report)
 
 
 def _export_name(param: str, layout: str) -> str:
@@ -483,3 +478,14 @@ def save_scgpt_dir(
     write_json_atomic(root / VOCAB_FILE, tokens)
     write_json_atomic(root / ARGS_FILE, {**args_from_config(cfg), **dict(args or {})})
     return root
+
+
+def apply_load_plan(params: dict, state: dict, plan: list, report: Any) -> Any:
+    """Copy each checkpoint tensor into its target parameters (a fused tensor is split evenly
+    over several targets, e.g. in_proj -> q, k, v) once every key has been checked."""
+    with torch.no_grad():
+        for key, targets in plan:
+            for t, chunk in zip(targets, state[key].chunk(len(targets)), strict=True):
+                params[t].copy_(chunk.to(params[t].dtype))
+            report.loaded.append(key)
+    return report

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from baselines._scfm.scgpt import ContinuousValueEncoder, FeedForward, GeneEncoder, ScGPTAttention
+from baselines._scfm.scgpt_ckpt import apply_load_plan
 from baselines._scfm.vocab import GeneVocab
 from stbench.errors import DataError
 
@@ -352,12 +353,7 @@ def load_cf_state(
             file=file,
             field=missing[0],
         )
-    with torch.no_grad():
-        for key, targets in plan:
-            for t, chunk in zip(targets, state[key].chunk(len(targets)), strict=True):
-                params[t].copy_(chunk.to(params[t].dtype))
-            report.loaded.append(key)
-    return report
+    return apply_load_plan(params, state, plan, report)
 
 
 def _folder_files(path: str | Path) -> tuple[Path, Path, Path]:

@@ -130,10 +130,24 @@ def _parser() -> ArgumentParser:
     )
     lp.add_argument("--check", type=bool, default=False, help="fail if the committed files differ")
     sub.add_subcommand("leaderboard", lp, help="regenerate or check the leaderboard")
+
+    pl = ArgumentParser(
+        description="Stack an expression method's out-of-fold test predictions from a run folder into "
+        "one pseudo-label file (STMDiT PTPL conditioning); each slide comes from the job that held it out."
+    )
+    pl.add_argument("output", type=str, help="run folder with results.jsonl and jobs/ (stbench run --output)")
+    pl.add_argument(
+        "--method", type=str, required=True, help="the expression method whose predictions to use"
+    )
+    pl.add_argument("--dataset", type=str, required=True)
+    pl.add_argument("--protocol", type=str | None, default=None, help="only this protocol's jobs")
+    pl.add_argument("--seed", type=int | None, default=None, help="only this seed's jobs")
+    pl.add_argument("--out", type=str, required=True, help="pseudo-label .h5ad to write")
+    sub.add_subcommand("pseudolabels", pl, help="stack out-of-fold predictions into pseudo-labels")
     return p
 
 
-PASS_THROUGH = ("method", "data", "trainer")
+PASS_THROUGH = ("method", "data", "trainer", "evaluation")
 
 
 def _take_print_config(argv: list[str]) -> tuple[list[str], bool]:
@@ -221,6 +235,8 @@ def _dispatch(cfg: Any) -> int:
         return commands.leaderboard(cfg.leaderboard)
     if cfg.command == "splits":
         return commands.splits(cfg.splits.dataset, cfg.splits.protocol, cfg.splits.data_root)
+    if cfg.command == "pseudolabels":
+        return commands.pseudolabels(cfg.pseudolabels)
     raise AssertionError(cfg.command)
 
 

@@ -253,3 +253,20 @@ def benchmark(args: Any, print_config: bool = False) -> int:
         progress=args.progress,
         compare=args.compare,
     )
+
+
+def pseudolabels(args: Any) -> int:
+    from stbench.data.pseudolabels import PseudoLabels, collect_pseudolabels
+
+    out = collect_pseudolabels(
+        args.output, args.method, args.dataset, protocol=args.protocol, seed=args.seed, out=args.out
+    )
+    pl = PseudoLabels.load(out)
+    console().print(
+        f"wrote {out}: {len(pl.obs)} spots x {len(pl.genes)} genes, {len(pl.slides)} slide(s) from "
+        f"{len(pl.info.get('jobs', {}))} job(s) (out-of-fold); source {pl.source}",
+        soft_wrap=True,
+        markup=False,
+        highlight=False,
+    )
+    return 0

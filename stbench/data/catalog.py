@@ -254,15 +254,18 @@ register_dataset(
 register_dataset(
     DatasetCard(
         name="tcga-skcm",
-        title="TCGA-SKCM H&E with bulk RNA (STMDiT evaluation)",
-        reader="anndata",
+        title="TCGA-SKCM H&E only, tiled (STMDiT out-of-distribution evaluation)",
+        reader="he-tiles",
         platform="other",
         tissue="skin (melanoma)",
         n_slides=None,
         n_patients=None,
         source_url="https://portal.gdc.cancer.gov/projects/TCGA-SKCM",
-        how_to_get="Download diagnostic slides and RNA-seq from the GDC portal; write slides.csv "
-        "(slide, h5ad, image, mpp, patient) for the anndata reader; --source DIR",
+        how_to_get="Download the diagnostic H&E slides (SVS) from the GDC portal (gdc-client); write "
+        "slides.csv with columns slide, image, mpp (the SVS header's MPP), patient (the 12-character "
+        "TCGA barcode) and optionally pseudolabels (a pseudo-label .h5ad of the slide's tiles); "
+        "--source DIR. Tiles of 55 um passing STMDiT's spot filters become spots; no expression is "
+        "measured (docs/stmdit-data.md)",
         access="public (GDC open tier)",
         licence="NIH GDC data use",
         citation="Cancer Genome Atlas Network. Genomic classification of cutaneous melanoma. Cell 161 (2015).",

@@ -91,7 +91,7 @@ class Slide:
         a, f = self.adata, self.source
         if a.n_obs == 0:
             raise DataError("slide has no spots", file=f, slide=self.name, field="obs")
-        if a.n_vars == 0:
+        if a.n_vars == 0 and self.meta.get("expression") != "none":  # H&E-only tiles (he_tiling.py)
             raise DataError("slide has no genes", file=f, slide=self.name, field="var")
         if not a.obs_names.is_unique:
             dup = a.obs_names[a.obs_names.duplicated()].unique()[:5].tolist()

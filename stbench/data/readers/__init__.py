@@ -9,6 +9,7 @@ from stbench.data.readers import (  # noqa: E402,F401
     anndata_reader,
     crunchdao,
     cscc,
+    he_tiles,
     her2st,
     hest,
     synthetic,

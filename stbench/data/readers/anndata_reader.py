@@ -23,6 +23,7 @@ import scipy.sparse as sp
 
 from stbench.data.image import SlideImage
 from stbench.data.readers.base import SlideReader, register_reader
+from stbench.data.readers.slides_csv import SlidesCsvMixin
 from stbench.data.slide import Slide, make_adata
 from stbench.errors import DataError
 
@@ -31,46 +32,10 @@ OPTIONAL_COLUMNS = ("image", "mpp", "patient", "spot_diameter_um", "platform")
 
 
 @register_reader
-class AnnDataReader(SlideReader):
+class AnnDataReader(SlidesCsvMixin, SlideReader):
     format = "anndata"
     platform = "other"
-
-    @property
-    def table_file(self) -> Path:
-        return self.root / "slides.csv"
-
-    def table(self) -> pd.DataFrame:
-        path = self._require(self.table_file, None, "slides.csv")
-        try:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except Exception as exc:
-            raise DataError(f"cannot parse slides.csv: {exc}", file=path, field="slides.csv") from exc
-        df.columns = [c.strip() for c in df.columns]
-        missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-        if missing:
-            raise DataError(f"slides.csv lacks columns {missing}", file=path, field=",".join(missing))
-        df = df.apply(lambda col: col.str.strip())
-        if (df["slide"] == "").any():
-            raise DataError("empty slide id in slides.csv", file=path, field="slide")
-        if not df["slide"].is_unique:
-            dup = df["slide"][df["slide"].duplicated()].unique()[:5].tolist()
-            raise DataError(f"duplicate slide ids {dup}", file=path, field="slide")
-        return df.set_index("slide", drop=False)
-
-    def _row(self, slide: str) -> pd.Series:
-        df = self.table()
-        if slide not in df.index:
-            raise DataError(
-                f"slide not listed in slides.csv (listed: {df.index.tolist()[:10]})",
-                file=self.table_file,
-                slide=slide,
-                field="slide",
-            )
-        return df.loc[slide]
-
-    def _path(self, value: str) -> Path:
-        p = Path(value)
-        return p if p.is_absolute() else self.root / p
+    required_columns = REQUIRED_COLUMNS
 
     def list_slides(self) -> list[str]:
         return sorted(self.table()["slide"].tolist())

@@ -101,6 +101,33 @@ def test_batch_contract(slides, cache: Path) -> None:
     assert set(p["slide"]) <= set(TEST)
 
 
+def test_image_task_predict_carries_the_condition_never_the_real_tile(slides, cache: Path) -> None:
+    """Image generation (task "image"): predict batches carry the test expression (the condition) and
+    the morphology feature, never the image-side features (latents of the real tile) or counts."""
+
+    def feature(width: int):
+        return lambda slide: np.tile(np.arange(slide.n_spots, dtype=np.float32)[:, None], (1, width))
+
+    dm = make_dm(
+        slides,
+        cache,
+        patch_spec=None,
+        include_counts=True,
+        features={"uni": feature(3), "latents": feature(4), "latents_std": feature(4)},
+        predict_condition=True,
+        predict_hidden_features=("latents", "latents_std"),
+    )
+    train = next(iter(dm.train_dataloader()))
+    assert set(train["features"]) == {"uni", "latents", "latents_std"} and "expression" in train
+    p = next(iter(dm.predict_dataloader()))
+    assert set(p["features"]) == {"uni"} and "counts" not in p and "image" not in p
+    for i in range(len(p["spot_id"])):
+        truth = dm.targets(p["slide"][i]).loc[p["spot_id"][i]].to_numpy()
+        assert np.allclose(p["expression"][i].numpy(), truth)
+    plain = next(iter(make_dm(slides, cache, patch_spec=None).predict_dataloader()))
+    assert "expression" not in plain  # the default (expression task) is unchanged
+
+
 def test_no_test_spot_in_train_or_val_and_val_disjoint(slides, cache: Path) -> None:
     dm = make_dm(slides, cache, batch_size=16)
     train = [i for b in batches(dm.train_dataloader()) for i in b["index"].tolist()]

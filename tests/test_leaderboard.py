@@ -264,3 +264,31 @@ def test_malformed_row_error_names_file_and_line(tmp_path: Path, bad_line: str, 
 def test_no_results_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no results.jsonl"):
         build_leaderboard(tmp_path, tmp_path / "out")
+
+
+def test_image_generation_rows_get_their_own_table_with_fid_and_oracle_columns(tmp_path: Path) -> None:
+    """Rows of task "image" (STMDiT) never share a table with expression rows of the same dataset,
+    protocol and gene set; their table ranks FID lower-is-better and shows the encoders used."""
+    image = []
+    for method, fid in (("stmdit", 60.0), ("pixcell", 70.0)):
+        row = make_row(method, "none", "B4", 0, {"fid_uni": fid + 1, "oracle_auc": 0.01})
+        if method == "stmdit":
+            row["metrics"].update(fid_uni_ge=fid, fid_delta=-1.0)
+        row.update(
+            task="image",
+            job_id=row["job_id"] + "-img",
+            per_slide={},
+            image_metrics={"fid_encoder": "resnet18@random-init", "oracle_encoder": "uni2-h@random-init"},
+        )
+        image.append(row)
+    write_results(tmp_path / "r" / "results.jsonl", result_rows() + image)
+    md = build_leaderboard(tmp_path / "r", tmp_path / "out")["md"].read_text()
+    sections = md.split("\n## ")[1:]
+    titles = [s.splitlines()[0] for s in sections]
+    assert titles == [f"her2st · loso · {GENE_SET}", f"her2st · loso · {GENE_SET} · image generation"]
+    expr, img = sections
+    assert "fid_uni" not in expr and "pcc" not in img.split("| # |")[1].splitlines()[0]
+    table = {r[1]: r for r in _section_rows(img)}
+    assert table["stmdit"][3] == "60.000" and table["pixcell"][3] == "—"  # fid_uni_ge: one value, no bold
+    assert table["stmdit"][4] == "**61.000**" and table["pixcell"][4] == "71.000"
+    assert table["stmdit"][-1] == "resnet18@random-init / uni2-h@random-init"

@@ -32,6 +32,8 @@ LOGISTIC_TRAINER_KEYS = {
     "enable_model_summary",
 }
 SECTIONS = ("method", "data", "trainer")
+# Present only when a config has it, so configs without it keep their hashes (and their job ids).
+OPTIONAL_SECTIONS = ("evaluation",)  # image-generation scoring: feature encoders, k grid, bootstrap
 
 
 @dataclass
@@ -90,7 +92,11 @@ def load_config(method_cls: type, config: str | None) -> tuple[str, dict[str, An
         avail = sorted(p.stem for p in config_dir(method_cls).glob("*.yaml"))
         raise StbenchError(f"config {config!r} not found ({path}); configs of {method_cls.name}: {avail}")
     data = yaml.safe_load(path.read_text()) or {}
-    unknown = set(data) - set(SECTIONS)
+    unknown = set(data) - set(SECTIONS) - set(OPTIONAL_SECTIONS)
     if unknown:
-        raise StbenchError(f"config {path} has unknown sections {sorted(unknown)}; allowed: {SECTIONS}")
-    return path.stem, {s: dict(data.get(s) or {}) for s in SECTIONS}
+        raise StbenchError(
+            f"config {path} has unknown sections {sorted(unknown)}; allowed: {SECTIONS + OPTIONAL_SECTIONS}"
+        )
+    out = {s: dict(data.get(s) or {}) for s in SECTIONS}
+    out.update({s: dict(data[s]) for s in OPTIONAL_SECTIONS if data.get(s)})
+    return path.stem, out

@@ -22,17 +22,32 @@ from stbench.errors import StbenchError
 
 SCHEMA = 1
 RESULTS_FILE = "results.jsonl"
-TABLE_KEYS = ("dataset", "protocol", "gene_set")
+# task: expression prediction and image generation rows never share a table (different metrics).
+TABLE_KEYS = ("dataset", "protocol", "gene_set", "task")
+TASKS = ("expression", "image")
 # config_hash is a key too: two configs of one method are two entries, never one mean over both.
 GROUP_KEYS = (*TABLE_KEYS, "weights", "method", "config_hash")
 MAIN_METRIC = "pcc"
-LOWER_IS_BETTER = frozenset({"mse", "mae", "rvd"})
+LOWER_IS_BETTER = frozenset({"mse", "mae", "rvd", "fid_uni_ge", "fid_uni", "fid_ge", "fid_none", "fid_delta"})
 REFERENCE_METRICS = frozenset({"ari_truth"})  # computed on the truth: context, not a score to rank
 
 _REQUIRED_STR = ("job_id", "method", "dataset", "protocol", "gene_set", "weights")
 _BOOKKEEPING = re.compile(r"^(n_spots|n_genes)$|_n$|_excluded(_\w+)?$|_n_spots$|_k$")
 _ORDER = ("pcc", "pcc{k}", "pcc{k}_posthoc", "pcc_pooled", "pcc_spot", "mse", "mae", "rvd", "ssim", "coexpr")
-_ORDER_TAIL = ("ari", "ari_truth")
+# Image generation (task "image"): the headline metrics of a row, in column order.
+IMAGE_METRICS = (
+    "fid_uni_ge",
+    "fid_uni",
+    "fid_ge",
+    "fid_none",
+    "fid_delta",
+    "oracle_auc",
+    "oracle_auc_ceiling",
+    "oracle_auc_pct_ceiling",
+    "mlp_auc",
+    "mlp_auc_ceiling",
+)
+_ORDER_TAIL = ("ari", "ari_truth", *IMAGE_METRICS)
 
 
 class ResultRowError(StbenchError, ValueError):
@@ -102,8 +117,12 @@ def validate_row(obj: object) -> dict[str, Any]:
     config_hash = obj.get("config_hash") or ""
     if not isinstance(config_hash, str):
         raise ValueError(f"field 'config_hash' must be a string, got {config_hash!r}")
+    task = obj.get("task", "expression")  # rows written before image generation existed
+    if task not in TASKS:
+        raise ValueError(f"field 'task' must be one of {TASKS}, got {task!r}")
     return {
         **obj,
+        "task": task,
         "fold": str(obj["fold"]),
         "config_hash": config_hash,
         "per_slide": dict(per_slide),
@@ -221,7 +240,7 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     metrics = metric_names(rows)
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(tuple(str(row[k]) for k in GROUP_KEYS), []).append(dict(row))
+        groups.setdefault(tuple(_key(row, k) for k in GROUP_KEYS), []).append(dict(row))
     records = [
         {**dict(zip(GROUP_KEYS, key, strict=True)), **_summarise(group, metrics)}
         for key, group in groups.items()
@@ -272,7 +291,12 @@ def slice_values(rows: Iterable[Mapping[str, Any]], metric: str = MAIN_METRIC) -
 
 def entry_rows(rows: Iterable[Mapping[str, Any]], entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The rows behind one aggregated entry."""
-    return [r for r in rows if all(str(r[k]) == str(entry[k]) for k in GROUP_KEYS)]
+    return [r for r in rows if all(_key(r, k) == str(entry[k]) for k in GROUP_KEYS)]
+
+
+def _key(row: Mapping[str, Any], key: str) -> str:
+    """A grouping key's value; rows from before image generation have no `task` (= expression)."""
+    return str(row.get(key, "expression") if key == "task" else row[key])
 
 
 def significance(

@@ -40,6 +40,15 @@ CONVENTIONS = {
     "pcc{k}_posthoc": "mean of the k best per-gene PCCs on the test slide (Stem's post-hoc convention)",
     "mse/mae": "over all spots x genes of the panel, in the protocol's target space",
 }
+IMAGE_CONVENTIONS = {
+    "fid_<regime>": "Frechet distance between the feature Gaussians of the real and the generated test tiles "
+    "(one generated tile per test spot and regime; encoder named in image_metrics.fid_encoder); "
+    "regimes uni_ge / uni / ge / none = which conditions the sampler kept",
+    "fid_delta": "fid_uni_ge - fid_uni (negative: the expression condition improves the tiles)",
+    "oracle_auc": "mean over the k grid of the per-gene Pearson r between the test expression and an oracle "
+    "regressor's predictions from the generated tiles (regressor fitted on training-split real tiles only); "
+    "_ceiling = the same from the real test tiles; null anchor 0",
+}
 DEFAULT_PCC_K = (50, 200)
 
 
@@ -190,6 +199,16 @@ def run_job(
     feature_fns = features_for(
         method_cls, job.config.get("method", {}), ds.cache, patch_cfg, progress=progress
     )
+    image_task = method_cls.task == "image"
+    hidden: tuple[str, ...] = ()
+    if image_task:  # latent-diffusion generators read VAE latents of the real tiles (training only)
+        from stbench.data.latents import LATENT_REQUESTS, latents_for
+
+        latent_fns = latents_for(
+            method_cls, job.config.get("method", {}), ds.cache, patch_cfg, progress=progress
+        )
+        feature_fns = {**(feature_fns or {}), **(latent_fns or {})} or None
+        hidden = tuple(LATENT_REQUESTS)
     slides = [*fold.train, *fold.val, *fold.test]
     dm = STDataModule(
         lambda: ds.load_slides(slides),
@@ -204,6 +223,8 @@ def run_job(
         graph=reqs.graph,
         features=feature_fns,
         vocabulary=method_cls.gene_vocabulary(job.config.get("method", {})),
+        predict_condition=image_task,
+        predict_hidden_features=hidden,
         **data_cfg,
     )
     dm.prepare_data()
@@ -233,17 +254,29 @@ def run_job(
     if not trainer.is_global_zero:
         return None
 
-    from stbench.benchmark.evaluate import evaluate_fold
-
     test_rows = dm.spot_table.index[dm.spot_table["split"] == "test"].to_numpy()
-    index, pred, stats = gather_predictions(pred_dir, test_rows)
-    shutil.rmtree(pred_dir, ignore_errors=True)
-    ks = _pcc_ks(proto, dm.n_genes)
-    per_slide, metrics = evaluate_fold(dm, index, pred, jobdir, job, ks)
+    image_metrics = None
+    if image_task:
+        from stbench.benchmark.evaluate_image_fold import evaluate_image_fold
+        from stbench.benchmark.image_writer import gather_tiles
+
+        index, tiles, stats = gather_tiles(pred_dir, test_rows)
+        shutil.rmtree(pred_dir, ignore_errors=True)
+        ks: list[int] = []
+        tile_spec = PatchSpec(**{**patch_cfg, "out_px": int(method.tile_px)})
+        per_slide, metrics, image_metrics = evaluate_image_fold(dm, index, tiles, jobdir, job, tile_spec)
+    else:
+        from stbench.benchmark.evaluate import evaluate_fold
+
+        index, pred, stats = gather_predictions(pred_dir, test_rows)
+        shutil.rmtree(pred_dir, ignore_errors=True)
+        ks = _pcc_ks(proto, dm.n_genes)
+        per_slide, metrics = evaluate_fold(dm, index, pred, jobdir, job, ks)
     dm.panel.save(jobdir / "gene_panel.json")
     row = {
         "schema": 1,
         "job_id": job.job_id,
+        "task": method_cls.task,
         "suite": job.suite,
         "method": job.method,
         "config_name": job.config_name,
@@ -269,7 +302,7 @@ def run_job(
         "metrics": metrics,
         "per_slide": per_slide,
         "predictions": stats,
-        "conventions": CONVENTIONS,
+        "conventions": IMAGE_CONVENTIONS if image_task else CONVENTIONS,
         "provenance": {
             **provenance.git_state(),
             "stbench_version": __import__("stbench").__version__,
@@ -281,6 +314,8 @@ def run_job(
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         },
     }
+    if image_metrics is not None:
+        row["image_metrics"] = image_metrics
     write_json_atomic(jobdir / "job.json", job.to_dict())
     append_row(output, row)
     return row
@@ -303,7 +338,13 @@ def _trainer(
 ) -> tuple[L.Trainer, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    callbacks: list[Any] = [SpotPredictionWriter(jobdir / "predictions" / "parts")]
+    parts = jobdir / "predictions" / "parts"
+    if method.task == "image":
+        from stbench.benchmark.image_writer import TilePredictionWriter
+
+        callbacks: list[Any] = [TilePredictionWriter(parts)]
+    else:
+        callbacks = [SpotPredictionWriter(parts)]
     ckpt_cb = None
     if "fit" in method.stages and not job.checkpoint:
         ckpt_cb = ModelCheckpoint(

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from stbench.benchmark.job import SECTIONS, Job
+from stbench.benchmark.job import OPTIONAL_SECTIONS, SECTIONS, Job
 from stbench.benchmark.store import RESULTS, finished_job_ids, locked, read_results
 from stbench.errors import StbenchError
 
@@ -70,7 +70,7 @@ class GridEntry:
         return self.config
 
     def overrides_for(self, method: str) -> dict[str, Any]:
-        if self.overrides and set(self.overrides) <= set(SECTIONS):
+        if self.overrides and set(self.overrides) <= set(SECTIONS) | set(OPTIONAL_SECTIONS):
             return dict(self.overrides)
         return dict(self.overrides.get(method) or {})
 
@@ -351,7 +351,9 @@ def _entry(path: Path | None, i: int, e: Any) -> GridEntry:
     else:
         config = _config_path(path, config)
     overrides = _mapping(path, f"{key}.overrides", e.get("overrides"))
-    if overrides and not (set(overrides) <= set(SECTIONS) or set(overrides) <= set(methods)):
+    if overrides and not (
+        set(overrides) <= set(SECTIONS) | set(OPTIONAL_SECTIONS) or set(overrides) <= set(methods)
+    ):
         raise SuiteError(
             path,
             f"{key}.overrides",

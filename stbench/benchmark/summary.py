@@ -12,10 +12,28 @@ from stbench.metrics.report import describe
 from stbench.utils.table import print_rows
 
 COLUMNS = ("pcc", "pcc50", "pcc200", "pcc_spot", "mse", "mae", "ssim")
+IMAGE_COLUMNS = (
+    "fid_uni_ge",
+    "fid_uni",
+    "fid_ge",
+    "fid_none",
+    "fid_delta",
+    "oracle_auc",
+    "oracle_auc_ceiling",
+)
+CAPTIONS = {
+    "expression": "pcc = gene-wise PCC per test slide, mean over genes (constant genes excluded; n/a = all "
+    "excluded, e.g. a constant predictor); pcc{k} = k genes fixed by training variance; "
+    "mse/mae in the protocol's target space",
+    "image": "fid_<regime> = FID of generated vs real test tiles (regimes: conditions kept by the sampler); "
+    "fid_delta = fid_uni_ge - fid_uni; oracle_auc = mean per-gene PCC over the k grid of a training-split "
+    "oracle on generated tiles (_ceiling: on real tiles); encoders in the row's image_metrics",
+}
 
 
 def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    cols = [c for c in COLUMNS if any(c in r["metrics"] for r in rows)]
+    columns = IMAGE_COLUMNS if any(r.get("task") == "image" for r in rows) else COLUMNS
+    cols = [c for c in columns if any(c in r["metrics"] for r in rows)]
     out = []
     for r in sorted(rows, key=lambda r: (r["method"], r["fold"], r["seed"])):
         out.append(
@@ -53,7 +71,5 @@ def print_summary(output: Path, job_ids: set[str] | None = None) -> None:
     print_rows(
         summary_rows(rows),
         title=f"{r0['dataset']} / protocol {r0['protocol']} / genes: {r0['gene_set']}",
-        caption="pcc = gene-wise PCC per test slide, mean over genes (constant genes excluded; n/a = all "
-        "excluded, e.g. a constant predictor); pcc{k} = k genes fixed by training variance; "
-        "mse/mae in the protocol's target space",
+        caption=CAPTIONS.get(r0.get("task", "expression"), CAPTIONS["expression"]),
     )

@@ -85,6 +85,6 @@ def gather_predictions(out_dir: Path, expected: np.ndarray) -> tuple[np.ndarray,
 
 
 def clear_parts(out_dir: Path) -> None:
-    for p in Path(out_dir).glob("rank*.npz"):
+    for p in Path(out_dir).glob("*.npz"):  # expression (rank*) and tile (tiles-rank*) parts
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

@@ -79,10 +79,17 @@ def dihedral(patch: np.ndarray, code: int) -> np.ndarray:
 class _SpotSource:
     """Shared item builder of both dataset kinds; opens patch memmaps lazily in each process."""
 
-    def __init__(self, slides: list[_SlideData], with_targets: bool, with_counts: bool) -> None:
+    def __init__(
+        self,
+        slides: list[_SlideData],
+        with_targets: bool,
+        with_counts: bool,
+        hidden_features: frozenset[str] = frozenset(),
+    ) -> None:
         self.slides = slides
         self.with_targets = with_targets
         self.with_counts = with_counts
+        self.hidden_features = hidden_features  # features this split must not serve (test latents)
         self._mm: dict[int, np.ndarray] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -117,8 +124,9 @@ class _SpotSource:
             out["array_coords"] = torch.from_numpy(sd.array_coords[rows])
         if sd.neighbours is not None:
             out["neighbours"] = torch.from_numpy(sd.neighbours[rows])
-        if sd.features:
-            out["features"] = {k: torch.from_numpy(v[rows]) for k, v in sd.features.items()}
+        feats = {k: v for k, v in sd.features.items() if k not in self.hidden_features}
+        if feats:
+            out["features"] = {k: torch.from_numpy(v[rows]) for k, v in feats.items()}
         return out
 
 
@@ -267,6 +275,8 @@ class STDataModule(L.LightningDataModule):
         include_counts: bool = False,
         graph: Mapping[str, Any] | None = None,
         pin_memory: bool = False,
+        predict_condition: bool = False,
+        predict_hidden_features: Iterable[str] = (),
     ) -> None:
         super().__init__()
         if patch_spec is not None and cache_dir is None:
@@ -307,6 +317,10 @@ class STDataModule(L.LightningDataModule):
         self.include_counts = include_counts
         self.graph = dict(graph) if graph is not None else None
         self.pin_memory = pin_memory
+        # Image generation (task "image") is conditioned on the test spots' expression, so predict
+        # batches carry it; what must stay hidden there is the image side (e.g. test latents).
+        self.predict_condition = bool(predict_condition)
+        self.predict_hidden_features = frozenset(predict_hidden_features)
         self._slides: dict[str, Slide] | None = None
         self._data: list[_SlideData] = []
         self._val_rows: dict[str, np.ndarray] = {}
@@ -447,11 +461,15 @@ class STDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """The test spots without targets or counts, so no method can read them while predicting.
+        Image-generation jobs (`predict_condition`) get the targets as their condition instead, and
+        never the features named in `predict_hidden_features` (the real tiles' latents).
 
         Under DDP with fewer items than ranks (a whole-slide test fold of one slide on 2 ranks),
         Lightning's non-repeating predict sampler would leave a rank empty and fail; a padding
         DistributedSampler repeats items instead, and the prediction writer drops the repeats."""
-        ds = self._dataset("test", targets=False)
+        ds = self._dataset(
+            "test", targets=self.predict_condition, counts=False, hidden=self.predict_hidden_features
+        )
         sampler = None
         if dist.is_available() and dist.is_initialized() and len(ds) < dist.get_world_size():
             sampler = DistributedSampler(ds, shuffle=False, drop_last=False)
@@ -593,9 +611,12 @@ class STDataModule(L.LightningDataModule):
                 out.append((s, rows))
         return out
 
-    def _dataset(self, split: str, targets: bool) -> Dataset:
+    def _dataset(
+        self, split: str, targets: bool, counts: bool | None = None, hidden: frozenset[str] = frozenset()
+    ) -> Dataset:
         self._require_setup()
-        source = _SpotSource(self._data, with_targets=targets, with_counts=targets and self.include_counts)
+        counts = targets and self.include_counts if counts is None else counts
+        source = _SpotSource(self._data, with_targets=targets, with_counts=counts, hidden_features=hidden)
         images = self.patch_spec is not None
         rows = self._rows_of(split)
         if self.whole_slide:

@@ -54,19 +54,45 @@ def combine(
     return eps_none + s_uni * (eps_uni - eps_none) + s_ge * (eps_full - eps_uni)
 
 
+def regime_passes(regime: str) -> tuple[tuple[bool, bool], tuple[bool, bool], tuple[bool, bool]]:
+    """(uni, ge) keep flags of the three terms of the guidance equation under a sampling regime.
+
+    "uni+ge" is the equation itself; the ablation regimes "re-use the same scales but zero out the
+    relevant conditioning input during sampling" (paper, Sec. D): a dropped modality is the null token
+    in every pass, so "uni" = eps(0,0) + s_uni (eps(uni,0) - eps(0,0)), "ge" = eps(0,0) +
+    s_ge (eps(0,ge) - eps(0,0)) and "none" = eps(0,0)."""
+    if regime not in REGIME_KEEP:
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    ku, kg = REGIME_KEEP[regime]
+    return (False, False), (ku, False), (ku, kg)
+
+
 def guided_prediction(
-    model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, s_uni: float, s_ge: float, batched: bool = True
+    model_fn: ModelFn,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    s_uni: float,
+    s_ge: float,
+    batched: bool = True,
+    regime: str = "uni+ge",
 ) -> torch.Tensor:
-    """Dual-guided prediction at (x, t). Batched: one forward over [none; uni; full] (3B rows)."""
+    """Dual-guided prediction at (x, t) under `regime`. Batched: ONE forward over the distinct passes
+    stacked ([none; uni; full] = 3B rows for "uni+ge"; passes that coincide under an ablation regime
+    are computed once); unbatched: one forward per distinct pass."""
     b = x.shape[0]
-    on = torch.ones(b, dtype=torch.bool, device=x.device)
-    off = torch.zeros_like(on)
-    passes = ((off, off), (on, off), (on, on))  # none, uni-only, full
+    passes = regime_passes(regime)
+    distinct = list(dict.fromkeys(passes))
+
+    def flags(pairs: list[tuple[bool, bool]], j: int) -> torch.Tensor:
+        return torch.cat([torch.full((b,), p[j], dtype=torch.bool, device=x.device) for p in pairs])
+
     if batched:
-        uni = torch.cat([p[0] for p in passes])
-        ge = torch.cat([p[1] for p in passes])
-        out = model_fn(x.repeat(3, *([1] * (x.dim() - 1))), t.repeat(3), uni, ge)
-        eps_none, eps_uni, eps_full = out.split(b)
+        n = len(distinct)
+        out = model_fn(
+            x.repeat(n, *([1] * (x.dim() - 1))), t.repeat(n), flags(distinct, 0), flags(distinct, 1)
+        )
+        by_pass = dict(zip(distinct, out.split(b), strict=True))
     else:
-        eps_none, eps_uni, eps_full = (model_fn(x, t, u, g) for u, g in passes)
+        by_pass = {p: model_fn(x, t, flags([p], 0), flags([p], 1)) for p in distinct}
+    eps_none, eps_uni, eps_full = (by_pass[p] for p in passes)
     return combine(eps_none, eps_uni, eps_full, s_uni, s_ge)

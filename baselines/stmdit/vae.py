@@ -18,7 +18,8 @@ Facts used (PixCell's public code, cvlab-stonybrook/PixCell, read not copied):
 Sources for `load_vae`: "default" (`stabilityai/stable-diffusion-3.5-large`, subfolder `vae`, gated),
 "hf:org/name[/subfolder]" or "org/name[/subfolder]" (hub), a local folder in diffusers'
 `save_pretrained` layout (config.json + diffusion_pytorch_model.safetensors, or such a folder under
-`vae/`), "none" (SD3 architecture, random init) and "tiny" (a seeded random tiny VAE for tests and CI).
+`vae/`), "none" (SD3 architecture, random init), "tiny" (a seeded random tiny VAE for tests) and
+"pixels[:f]" (a lossless space-to-depth stand-in, baselines/stmdit/pixel_vae.py, for tiny runs).
 Loading is strict (every tensor checked by name and shape), pickle-free, and fails fast with one
 message naming the repo or path and what to do; HF_HUB_OFFLINE / STBENCH_OFFLINE are respected.
 """
@@ -283,6 +284,10 @@ def load_vae(
         return build_vae(SD3_VAE_CONFIG, **factors)
     if src == "tiny":
         return build_vae(tiny_vae_config(), name="tiny-vae", **factors)
+    if src.startswith("pixels"):  # lossless space-to-depth stand-in for tests and CI (pixel_vae.py)
+        from baselines.stmdit.pixel_vae import PixelLatentVAE, parse_pixels
+
+        return PixelLatentVAE(parse_pixels(src) or 4)
     path = Path(src).expanduser()
     if src != "default" and path.exists():
         config, weights = _local_folder(path, subfolder)

@@ -1,5 +1,5 @@
-"""Every committed suite parses against the registry, and the issue-5 baselines and the generative
-methods are in the CI suite (tiny configs) and in the paper suites (paper configs) whose tables they belong to."""
+"""Every committed suite parses against the registry, and the issue-5 baselines, the generative and the image
+generation methods are in the CI suite (tiny configs) and in the paper suites whose tables they belong to."""
 
 from __future__ import annotations
 
@@ -39,3 +39,13 @@ def test_paper_suites_hold_their_tables_rows() -> None:
     assert {"stnet", "deepspace", "histogene", "bleep", "diffbulk"} <= _methods(diffbulk, "paper")
     assert {"probe-ridge", "finetune"} <= _methods(diffbulk)
     assert {e.protocols for e in diffbulk.grid} == {("diffbulk",)}
+
+
+def test_image_generation_suites_hold_stmdit_and_its_baselines() -> None:
+    ci = load_suite(SUITES / "ci.yaml")
+    assert "stmdit" in _methods(ci, "tiny") and "pixcell" in _methods(ci, "pixcell_tiny")
+    tables = load_suite(SUITES / "stmdit-tables.yaml")
+    assert {e.protocols for e in tables.grid} == {("stmdit",)}
+    assert _methods(tables, "paper") == {"stmdit"}
+    configs = {e.config_for(m) for e in tables.grid for m in e.methods}
+    assert {"pixcell_b", "pixcell_flow_b", "pixcell_pretrained_xl", "adaln_ddpm", "xattn_pma"} <= configs

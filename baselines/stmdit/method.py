@@ -198,7 +198,7 @@ class STMDiTMethod(Method):
 
         dim = uni_dim if uni_dim is not None else encoder_dim(encoder, encoder_overrides)
         side = self.tile_px // self.downsample
-        cf, gene_ids, ge_cfg = None, None, None
+        cf, gene_ids, ge_cols, ge_cfg = None, None, None, None
         if self.ge_enabled and fusion != "none":
             cf, ids = build_ge_encoder(ge_encoder, self.genes or [], ge_encoder_overrides)
             cols = self._candidate_columns(ids)
@@ -208,6 +208,7 @@ class STMDiTMethod(Method):
                     f"{self.name}: none of the {n_genes} panel genes is in the CancerFoundation vocabulary",
                     field="ge_encoder",
                 )
+            ge_cols = torch.tensor(cols[:n_sel], dtype=torch.long)
             gene_ids = torch.tensor([ids[c] for c in cols[:n_sel]], dtype=torch.long)
             ge_cfg = GEConfig(
                 fusion=fusion,
@@ -230,9 +231,7 @@ class STMDiTMethod(Method):
             },
         )
         dit.grad_checkpointing = bool(grad_checkpointing)
-        self.model = STMDiTModel(dit, cf, gene_ids)
-        if gene_ids is not None:
-            self.model.ge_cols.copy_(torch.tensor(self._candidate_columns(ids)[: len(gene_ids)]))
+        self.model = STMDiTModel(dit, cf, gene_ids, ge_cols)
         self.ema = EMA(self.model.dit, ema_decay, ema_warmup)
         self._dit_weights = "none" if init == "random" else str(dit.weights_id)
 
@@ -288,11 +287,12 @@ class STMDiTMethod(Method):
             expression = batch["expression"]
         return self.model.encode_ge(expression)
 
-    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _latents(self, batch: dict[str, Any], sample: bool = True) -> torch.Tensor:
+        """Clean latents: a posterior sample (training), or the mean (validation, `latent_sample: mean`)."""
         feats = batch["features"]
         c = self.model.dit.cfg.in_channels
         mean = unflatten_latents(feats[LATENT_KEY].float(), c)
-        if self.latent_sample == "mean":
+        if not sample or self.latent_sample == "mean":
             return mean
         std = unflatten_latents(feats[LATENT_STD_KEY].float(), c)
         return mean + std * torch.randn(mean.shape).to(mean)
@@ -312,11 +312,7 @@ class STMDiTMethod(Method):
     def _loss(
         self, batch: dict[str, Any], net: torch.nn.Module, generator: torch.Generator | None
     ) -> torch.Tensor:
-        x0 = (
-            self._latents(batch)
-            if generator is None
-            else unflatten_latents(batch["features"][LATENT_KEY].float(), self.model.dit.cfg.in_channels)
-        )
+        x0 = self._latents(batch, sample=generator is None)
         uni = batch["features"][self.key].float()
         ge = self._ge(batch)
         b = x0.shape[0]

@@ -24,7 +24,11 @@ class STMDiTModel(nn.Module):
     """
 
     def __init__(
-        self, dit: STMDiT, ge_encoder: CancerFoundationEncoder | None, gene_ids: torch.Tensor | None
+        self,
+        dit: STMDiT,
+        ge_encoder: CancerFoundationEncoder | None,
+        gene_ids: torch.Tensor | None,
+        ge_cols: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.dit = dit
@@ -35,7 +39,10 @@ class STMDiTModel(nn.Module):
         self.register_buffer(
             "gene_ids", gene_ids.long() if gene_ids is not None else torch.zeros(0, dtype=torch.long)
         )
-        self.register_buffer("ge_cols", torch.arange(n, dtype=torch.long))
+        cols = torch.arange(n, dtype=torch.long) if ge_cols is None else ge_cols.long()
+        if cols.numel() != n:
+            raise ValueError(f"ge_cols has {cols.numel()} columns for {n} gene ids")
+        self.register_buffer("ge_cols", cols)
 
     @property
     def uses_ge(self) -> bool:

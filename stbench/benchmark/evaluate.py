@@ -35,7 +35,13 @@ def evaluate_fold(
         slide = dm.slides[slide_name]
         obs = slide.adata.obs.loc[spot_ids]
         per_slide[slide_name] = slide_metrics(
-            truth, p, dm.genes, fixed_genes=fixed or None, grid=_grid(obs), labels=_labels(obs), seed=job.seed
+            truth,
+            p,
+            dm.genes,
+            fixed_genes=fixed or None,
+            grid=_grid(obs),
+            labels=tissue_labels(obs),
+            seed=job.seed,
         )
         _save_predictions(
             jobdir / "predictions" / f"{slide_name}.h5ad",
@@ -63,7 +69,7 @@ def _grid(obs: pd.DataFrame) -> np.ndarray | None:
     return None
 
 
-def _labels(obs: pd.DataFrame) -> list[str] | None:
+def tissue_labels(obs: pd.DataFrame) -> list[str] | None:
     if "label" not in obs.columns:
         return None
     labels = obs["label"].astype(str).tolist()

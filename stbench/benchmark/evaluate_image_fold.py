@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
+from stbench.benchmark.evaluate import tissue_labels
 from stbench.benchmark.evaluate_images import ImageEvalConfig, TrainPairs, evaluate_images
 from stbench.benchmark.image_features import build_featurizer
 from stbench.benchmark.results import IMAGE_METRICS
@@ -61,7 +61,7 @@ def _overrides(name: str, value: Any) -> dict[str, Any] | None:
     return dict(value)
 
 
-def featurizers(cfg: Mapping[str, Any], seed: int) -> dict[str, Any]:
+def featurizers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """{role: Featurizer} for fid / oracle (/ mlp when `mlp_encoder` is set) from `evaluation:`."""
     out = {}
     for role in ROLES:
@@ -85,34 +85,36 @@ def eval_config(cfg: Mapping[str, Any], seed: int) -> ImageEvalConfig:
     return ImageEvalConfig(seed=seed, **known)
 
 
-def _slide_tiles(dm: Any, spec: PatchSpec, slide: str, spot_ids: list[str]) -> np.ndarray:
-    store = PatchStore(dm.cache_dir, spec)
+def _slide_tiles(dm: Any, store: PatchStore, slide: str) -> tuple[np.ndarray, dict[str, int]]:
+    """The slide's memory-mapped patches (opened once) and spot id -> row."""
     patches = store.build(dm.slides[slide])
-    pos = patches.spot_index()
-    rows = np.array([pos[s] for s in spot_ids], dtype=np.int64)
-    return np.asarray(patches.patches[rows])
+    return patches.patches, patches.spot_index()
+
+
+def _take(tiles: tuple[np.ndarray, dict[str, int]], spot_ids: list[str]) -> np.ndarray:
+    patches, pos = tiles
+    return np.asarray(patches[np.array([pos[s] for s in spot_ids], dtype=np.int64)])
 
 
 def _train_features(
-    dm: Any, spec: PatchSpec, fn: Any, chunk: int = 512
-) -> tuple[np.ndarray, np.ndarray, list]:
-    """Features (n, d), targets (n, G) and ids of the training spots, featurized chunk by chunk."""
+    dm: Any, store: PatchStore, fns: Mapping[str, Any], chunk: int = 512
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """{role: features (n, d)}, targets (n, G) and ids of the training spots; each chunk of tiles is
+    read once and passed through every regressor's featurizer."""
     table = dm.spot_table
     train = table[table["split"] == "train"]
-    feats, targets, ids = [], [], []
+    feats: dict[str, list[np.ndarray]] = {role: [] for role in fns}
+    targets, ids = [], []
     for slide, rows in train.groupby("slide", sort=False):
         spot_ids = rows["spot_id"].astype(str).tolist()
         targets.append(dm.targets(slide).loc[spot_ids].to_numpy(np.float64))
         ids += [f"{slide}/{s}" for s in spot_ids]
+        tiles = _slide_tiles(dm, store, slide)
         for start in range(0, len(spot_ids), chunk):
-            feats.append(fn(_slide_tiles(dm, spec, slide, spot_ids[start : start + chunk])))
-    return np.concatenate(feats), np.concatenate(targets), ids
-
-
-def _labels(obs: pd.DataFrame) -> list[str] | None:
-    from stbench.benchmark.evaluate import _labels as labels
-
-    return labels(obs)
+            batch = _take(tiles, spot_ids[start : start + chunk])
+            for role, fn in fns.items():
+                feats[role].append(fn(batch))
+    return {role: np.concatenate(f) for role, f in feats.items()}, np.concatenate(targets), ids
 
 
 def evaluate_image_fold(
@@ -129,20 +131,19 @@ def evaluate_image_fold(
     table = dm.spot_table.loc[index]
     slides = table["slide"].astype(str).to_numpy()
     spot_ids = table["spot_id"].astype(str).to_numpy()
+    store = PatchStore(dm.cache_dir, spec)
     real, expr, labels_all, per_slide = [], [], [], {}
     for slide in dm.test_slides:
         rows = np.flatnonzero(slides == slide)
         ids = spot_ids[rows].tolist()
-        real.append(_slide_tiles(dm, spec, slide, ids))
+        real.append(_take(_slide_tiles(dm, store, slide), ids))
         expr.append(dm.targets(slide).loc[ids].to_numpy(np.float64))
-        labels_all.append(_labels(dm.slides[slide].adata.obs.loc[ids]))
+        labels_all.append(tissue_labels(dm.slides[slide].adata.obs.loc[ids]))
         per_slide[slide] = {"n_spots": len(ids)}
     labels = None if any(x is None for x in labels_all) else [x for part in labels_all for x in part]
-    fns = featurizers(cfg, job.seed)
-    feats, train_expr, train_ids = _train_features(dm, spec, fns["oracle"])
-    train = {"oracle": feats}
-    if "mlp" in fns:
-        train["mlp"] = _train_features(dm, spec, fns["mlp"])[0]
+    fns = featurizers(cfg)
+    regressors = {role: fn for role, fn in fns.items() if role in ("oracle", "mlp")}
+    train, train_expr, train_ids = _train_features(dm, store, regressors)
     result = evaluate_images(
         np.concatenate(real),
         dict(tiles),

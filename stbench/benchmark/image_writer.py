@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from stbench.errors import StbenchError
@@ -23,13 +24,12 @@ PREFIX = "tiles-rank"
 
 def to_uint8_tiles(images: Any) -> np.ndarray:
     """(B, 3, H, W) float in [0, 1] (or uint8) -> (B, H, W, 3) uint8, the tiles' on-disk layout."""
-    arr = images.detach().cpu() if hasattr(images, "detach") else images
-    arr = np.asarray(arr.float().numpy() if hasattr(arr, "float") and arr.dtype != np.uint8 else arr)
-    if arr.ndim != 4 or arr.shape[1] != 3:
-        raise ValueError(f"generated images must be (B, 3, H, W), got {arr.shape}")
-    if arr.dtype != np.uint8:
-        arr = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(arr.transpose(0, 2, 3, 1))
+    t = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    if t.ndim != 4 or t.shape[1] != 3:
+        raise ValueError(f"generated images must be (B, 3, H, W), got {tuple(t.shape)}")
+    if t.dtype != torch.uint8:
+        t = (t.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
+    return np.ascontiguousarray(t.permute(0, 2, 3, 1).numpy())
 
 
 class TilePredictionWriter(BasePredictionWriter):

@@ -85,7 +85,11 @@ class Section:
     entries: pd.DataFrame
     entry_rows: list[list[dict[str, Any]]]
     labels: list[str]
-    job_ids: list[list[str]]
+
+    @property
+    def job_ids(self) -> list[list[str]]:
+        """Per entry, the sorted job ids of its rows."""
+        return [sorted(r["job_id"] for r in g) for g in self.entry_rows]
 
 
 # ---- building the format-neutral model -----------------------------------------------------------
@@ -265,7 +269,6 @@ def build_sections(rows: Sequence[dict[str, Any]]) -> list[Section]:
                 entries,
                 e_rows,
                 labels,
-                [sorted(r["job_id"] for r in g) for g in e_rows],
             )
         )
     return sections
@@ -324,7 +327,6 @@ def _image_section(
         entries,
         e_rows,
         labels,
-        [sorted(r["job_id"] for r in g) for g in e_rows],
     )
 
 

@@ -7,20 +7,13 @@ from typing import Any
 
 import numpy as np
 
+from stbench.benchmark.results import IMAGE_METRICS
 from stbench.benchmark.store import RESULTS, read_results
 from stbench.metrics.report import describe
 from stbench.utils.table import print_rows
 
 COLUMNS = ("pcc", "pcc50", "pcc200", "pcc_spot", "mse", "mae", "ssim")
-IMAGE_COLUMNS = (
-    "fid_uni_ge",
-    "fid_uni",
-    "fid_ge",
-    "fid_none",
-    "fid_delta",
-    "oracle_auc",
-    "oracle_auc_ceiling",
-)
+IMAGE_COLUMNS = IMAGE_METRICS[:7]  # FID per regime, delta, oracle AUC and its ceiling
 CAPTIONS = {
     "expression": "pcc = gene-wise PCC per test slide, mean over genes (constant genes excluded; n/a = all "
     "excluded, e.g. a constant predictor); pcc{k} = k genes fixed by training variance; "

@@ -37,9 +37,6 @@ class AnnDataReader(SlidesCsvMixin, SlideReader):
     platform = "other"
     required_columns = REQUIRED_COLUMNS
 
-    def list_slides(self) -> list[str]:
-        return sorted(self.table()["slide"].tolist())
-
     def slide_files(self, slide: str) -> list[Path]:
         row = self._row(slide)
         files = [self._path(row["h5ad"])]

@@ -43,9 +43,6 @@ class HETilesReader(SlidesCsvMixin, SlideReader):
                 raise DataError(f"empty {col}", file=self.table_file, slide=slide, field=col)
         return row
 
-    def list_slides(self) -> list[str]:
-        return sorted(self.table()["slide"].tolist())
-
     def slide_files(self, slide: str) -> list[Path]:
         row = self._row(slide)
         files = [self._path(row["image"])]

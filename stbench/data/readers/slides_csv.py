@@ -40,6 +40,9 @@ class SlidesCsvMixin:
             raise DataError(f"duplicate slide ids {dup}", file=path, field="slide")
         return df.set_index("slide", drop=False)
 
+    def list_slides(self) -> list[str]:
+        return sorted(self.table()["slide"].tolist())
+
     def _row(self, slide: str) -> pd.Series:
         df = self.table()
         if slide not in df.index:

@@ -1,7 +1,9 @@
 """Evaluate one fold on rank 0: per-slide metrics on de-duplicated predictions, saved predictions.
 
 Truth comes from the DataModule's targets (never from predict batches, which carry none), in the
-protocol's target space, aligned to predictions by the global spot index.
+protocol's target space, aligned to predictions by the global spot index. The library sizes behind
+`pcc_partial` come from the test slide's own counts (all genes), never from the method. The fold's
+`pcc_pooled` (HEST-Bench's score) pools the spots of all its test slides.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from stbench.metrics.report import slide_metrics
+from stbench.data.genes import spot_totals
+from stbench.metrics.expression import log_library_size
+from stbench.metrics.report import pooled_metrics, slide_metrics
 from stbench.metrics.spatial import spot_grid
 from stbench.utils.io import atomic_path, write_text_atomic
 
@@ -27,6 +31,8 @@ def evaluate_fold(
     table = dm.spot_table.loc[index]
     fixed = {k: list(dm.panel.top_k(k)) for k in ks}
     per_slide: dict[str, dict[str, Any]] = {}
+    truths: list[np.ndarray] = []
+    preds: list[np.ndarray] = []
     for slide_name in dm.test_slides:
         rows = np.flatnonzero(table["slide"].to_numpy() == slide_name)
         spot_ids = table["spot_id"].to_numpy()[rows].tolist()
@@ -34,6 +40,7 @@ def evaluate_fold(
         p = pred[rows].astype(np.float32)
         slide = dm.slides[slide_name]
         obs = slide.adata.obs.loc[spot_ids]
+        totals = pd.Series(spot_totals(slide), index=slide.adata.obs_names).loc[spot_ids]
         per_slide[slide_name] = slide_metrics(
             truth,
             p,
@@ -41,8 +48,11 @@ def evaluate_fold(
             fixed_genes=fixed or None,
             grid=_grid(obs),
             labels=tissue_labels(obs),
+            log_totals=log_library_size(totals.to_numpy()),
             seed=job.seed,
         )
+        truths.append(truth)
+        preds.append(p)
         _save_predictions(
             jobdir / "predictions" / f"{slide_name}.h5ad",
             p,
@@ -55,7 +65,9 @@ def evaluate_fold(
     frame = pd.DataFrame.from_dict(per_slide, orient="index")
     frame.index.name = "slide"
     write_text_atomic(jobdir / "per_slide.csv", frame.to_csv())
-    return per_slide, _mean_over_slides(per_slide)
+    metrics = _mean_over_slides(per_slide)
+    metrics.update(pooled_metrics(truths, preds))
+    return per_slide, metrics
 
 
 def _grid(obs: pd.DataFrame) -> np.ndarray | None:

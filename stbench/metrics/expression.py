@@ -13,7 +13,11 @@ Conventions (docs/metrics.md is the reference; the names here are the names in r
 * `pcc_fixed_genes` averages genes fixed BEFORE testing; `pcc_posthoc` (the k highest per-gene
   PCCs on the test slide, Stem's convention) exists only under the `pcc{k}_posthoc` name.
 * `pcc_pooled` correlates over the spots of several slides pooled together: a different (and
-  usually higher) number than the per-slide mean, hence its own name.
+  usually higher) number than the per-slide mean, hence its own name. It follows HEST-Bench
+  exactly: the plain mean over ALL genes, so one constant gene makes it undefined (None), as
+  HEST's `np.mean` of a NaN `pearsonr` is NaN.
+* `pcc_partial` is the gene-wise partial correlation given log library size: what a prediction
+  gets right beyond sequencing depth (a depth-only predictor has none).
 """
 
 from __future__ import annotations
@@ -166,8 +170,11 @@ def pcc_posthoc(truth: object, pred: object, k: int, *, rtol: float = CONSTANT_R
 def pcc_pooled(
     truths: Sequence[object], preds: Sequence[object], *, rtol: float = CONSTANT_RTOL
 ) -> MetricResult:
-    """`pcc_pooled`: per-gene PCC over the spots of ALL given slides stacked together, mean over
-    genes. Between-slide differences in level inflate it relative to the per-slide mean (MERGE#6)."""
+    """`pcc_pooled`, HEST-Bench's fold score: per-gene PCC over the spots of ALL given slides stacked
+    together, then the plain mean over every gene (HEST: `np.mean` of scipy `pearsonr`s, no nanmean).
+    A gene constant over the pooled spots has no r, so the value is None whenever any gene is
+    constant (HEST's NaN); `excluded*` count them. Between-slide differences in level inflate it
+    relative to the per-slide mean (MERGE#6)."""
     if len(truths) != len(preds) or not truths:
         raise ValueError(
             f"pcc_pooled needs as many truths as predictions (>= 1): {len(truths)} vs {len(preds)}"
@@ -178,7 +185,77 @@ def pcc_pooled(
         raise ValueError(f"pcc_pooled: slides have different gene counts {sorted(widths)}")
     t = np.concatenate([t for t, _ in pairs], axis=0)
     p = np.concatenate([p for _, p in pairs], axis=0)
-    return column_pearson(t, p, rtol=rtol).summary()
+    res = column_pearson(t, p, rtol=rtol).summary()
+    if res.excluded:  # np.mean over genes with a NaN is NaN: no partial mean under HEST's rule
+        return MetricResult(None, res.n, res.excluded, res.excluded_truth, res.excluded_pred)
+    return res
+
+
+def log_library_size(totals: object) -> np.ndarray:
+    """log(max(total, 1)) per spot, float64: the covariate of `pcc_partial`. A spot with no counts
+    gets 0 (the value of a 1-count spot) instead of -inf, so it stays in the metric; the `depth`
+    reference uses the same guard, so its prediction is exactly linear in this covariate."""
+    x = np.asarray(totals, dtype=np.float64).reshape(-1)
+    if not np.isfinite(x).all() or (x < 0).any():
+        raise ValueError("library sizes must be finite and >= 0")
+    return np.log(np.maximum(x, 1.0))
+
+
+def _residualised(
+    block: np.ndarray, zc: np.ndarray, zz: float, rtol: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OLS residuals of each column on [1, z] (zc = z centred, zz = its sum of squares), their sums
+    of squares, and which columns have constant residuals (same relative rule as `_centred`)."""
+    x = block.astype(np.float64, copy=True)
+    scale = np.abs(x).max(axis=0)
+    x -= x.mean(axis=0)
+    if zz > 0:
+        x -= np.outer(zc, (zc @ x) / zz)
+    ss = np.einsum("ij,ij->j", x, x)
+    std = np.sqrt(ss / x.shape[0])
+    return x, ss, (std <= rtol * scale) | (ss == 0)
+
+
+def partial_column_pearson(
+    truth: np.ndarray, pred: np.ndarray, covariate: object, *, rtol: float = CONSTANT_RTOL
+) -> Correlations:
+    """Per column, Pearson r of the OLS residuals of `truth` and `pred` on [1, covariate]: the partial
+    correlation given the covariate. A covariate with no spread (std <= rtol x max|z|) explains
+    nothing beyond the intercept, so r is then the plain Pearson r."""
+    n, g = truth.shape
+    z = np.asarray(covariate, dtype=np.float64).reshape(-1)
+    if z.size != n:
+        raise ValueError(f"covariate has {z.size} values for {n} spots")
+    if not np.isfinite(z).all():
+        raise ValueError("covariate has non-finite values")
+    zc = z - z.mean()
+    zz = float(zc @ zc)
+    if np.sqrt(zz / n) <= rtol * np.abs(z).max():
+        zz = 0.0
+    r = np.full(g, np.nan)
+    const_t = np.zeros(g, dtype=bool)
+    const_p = np.zeros(g, dtype=bool)
+    for blk in _blocks(n, g):
+        xt, sst, ct = _residualised(truth[:, blk], zc, zz, rtol)
+        xp, ssp, cp = _residualised(pred[:, blk], zc, zz, rtol)
+        sxy = np.einsum("ij,ij->j", xt, xp)
+        ok = ~(ct | cp)
+        rb = np.full(sxy.shape, np.nan)
+        rb[ok] = np.clip(sxy[ok] / np.sqrt(sst[ok] * ssp[ok]), -1.0, 1.0)
+        r[blk], const_t[blk], const_p[blk] = rb, ct, cp
+    return Correlations(r, const_t, const_p)
+
+
+def pcc_partial(
+    truth: object, pred: object, log_totals: object, *, rtol: float = CONSTANT_RTOL
+) -> MetricResult:
+    """`pcc_partial`: mean over genes of the partial PCC of truth and prediction given each spot's log
+    library size (`log_library_size` of the totals over ALL genes of the slide). Gene-wise PCC on
+    depth-dependent targets mostly measures depth; this is what is left. Genes whose residual is
+    constant in truth or prediction (e.g. every gene of a prediction linear in log depth) are
+    excluded and counted, as in `pcc`."""
+    t, p = check_pair(truth, pred)
+    return partial_column_pearson(t, p, log_totals, rtol=rtol).summary()
 
 
 def pcc_spot(truth: object, pred: object, *, rtol: float = CONSTANT_RTOL) -> MetricResult:

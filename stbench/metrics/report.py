@@ -22,8 +22,26 @@ from stbench.errors import UnknownNameError
 from stbench.metrics import clustering, expression, spatial
 from stbench.metrics.expression import CONSTANT_RTOL, MetricResult
 
-METRICS = ("pcc", "pcc_k", "pcc_posthoc", "pcc_spot", "mse", "mae", "rvd", "ssim", "coexpr", "ari")
-_NEEDS = {"pcc_k": "fixed_genes", "pcc_posthoc": "fixed_genes or posthoc_k", "ssim": "grid", "ari": "labels"}
+METRICS = (
+    "pcc",
+    "pcc_partial",
+    "pcc_k",
+    "pcc_posthoc",
+    "pcc_spot",
+    "mse",
+    "mae",
+    "rvd",
+    "ssim",
+    "coexpr",
+    "ari",
+)
+_NEEDS = {
+    "pcc_partial": "log_totals",
+    "pcc_k": "fixed_genes",
+    "pcc_posthoc": "fixed_genes or posthoc_k",
+    "ssim": "grid",
+    "ari": "labels",
+}
 _UNIT = {"pcc_spot": "spots"}
 
 Row = dict[str, float | int | None]
@@ -76,6 +94,7 @@ def slide_metrics(
     posthoc_k: Sequence[int] | None = None,
     grid: np.ndarray | None = None,
     labels: Sequence[object] | None = None,
+    log_totals: object | None = None,
     metrics: Sequence[str] | None = None,
     seed: int = 0,
     rtol: float = CONSTANT_RTOL,
@@ -86,6 +105,8 @@ def slide_metrics(
     posthoc_k:   ks for `pcc{k}_posthoc` (default: the ks of fixed_genes, so both sit side by side).
     grid:        integer (row, col) spot cells (`spatial.spot_grid`) -> `ssim`.
     labels:      per-spot pathologist labels -> `ari`, `ari_truth`.
+    log_totals:  per-spot log library size (`expression.log_library_size` of the totals over ALL
+                 genes of the slide, taken from the data, never from the method) -> `pcc_partial`.
     metrics:     a subset of METRICS; default every metric whose inputs were given.
     """
     t, p = expression.check_pair(truth, pred)
@@ -96,13 +117,21 @@ def slide_metrics(
     fixed = dict(fixed_genes or {})
     ks = sorted(set(posthoc_k if posthoc_k is not None else fixed))
     available = {m: True for m in METRICS}
-    available.update(pcc_k=bool(fixed), pcc_posthoc=bool(ks), ssim=grid is not None, ari=labels is not None)
+    available.update(
+        pcc_partial=log_totals is not None,
+        pcc_k=bool(fixed),
+        pcc_posthoc=bool(ks),
+        ssim=grid is not None,
+        ari=labels is not None,
+    )
     chosen = _selected(metrics, available)
 
     row: Row = {"n_spots": int(t.shape[0]), "n_genes": int(t.shape[1])}
     corr = expression.column_pearson(t, p, rtol=rtol) if {"pcc", "pcc_posthoc"} & set(chosen) else None
     if "pcc" in chosen:
         _put(row, "pcc", corr.summary())
+    if "pcc_partial" in chosen:
+        _put(row, "pcc_partial", expression.pcc_partial(t, p, log_totals, rtol=rtol))
     if "pcc_k" in chosen:
         for k in sorted(fixed):
             _put(
@@ -133,7 +162,8 @@ def slide_metrics(
 
 
 def pooled_metrics(truths: Sequence[object], preds: Sequence[object], *, rtol: float = CONSTANT_RTOL) -> Row:
-    """`pcc_pooled` (+ bookkeeping) over the spots of all given test slides stacked together."""
+    """`pcc_pooled` (+ bookkeeping) over the spots of all given test slides stacked together, under
+    HEST-Bench's rule (None when any gene is constant over the pooled spots)."""
     row: Row = {}
     _put(row, "pcc_pooled", expression.pcc_pooled(truths, preds, rtol=rtol))
     return row
@@ -153,6 +183,9 @@ def describe(row: Mapping[str, object], key: str, *, digits: int = 3) -> str:
         return f"n/a (all {total} {unit} constant in prediction)"
     if total and n_t == total:
         return f"n/a (all {total} {unit} constant in truth)"
-    if total and int(row.get(f"{key}_excluded", 0) or 0) == total:
+    n_ex = int(row.get(f"{key}_excluded", 0) or 0)
+    if total and n_ex == total:
         return f"n/a (all {total} {unit} constant in truth or prediction)"
+    if key == "pcc_pooled" and n_ex:
+        return f"n/a ({n_ex} of {total} {unit} constant; HEST's mean over genes is undefined)"
     return "n/a"

@@ -48,6 +48,7 @@ def list_things(what: str) -> int:
                 {
                     "method": n,
                     "task": c.task,
+                    "kind": c.kind,
                     "image": c.requires.image,
                     "stages": " ".join(c.stages),
                     "class": f"{c.__module__}:{c.__qualname__}",
@@ -55,6 +56,7 @@ def list_things(what: str) -> int:
                 for n, c in available_methods().items()
             ],
             title="methods",
+            caption="kind reference = a yardstick (mean, depth): shown beside methods, never ranked",
         )
     else:
         from stbench.data.readers import READERS

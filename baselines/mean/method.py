@@ -17,6 +17,7 @@ from stbench.methods.base import BatchRequirements, Method
 class MeanPredictor(Method):
     name = "mean"
     task = "expression"
+    kind = "reference"
     requires = BatchRequirements(image=False)
     stages = ("estimate",)
 

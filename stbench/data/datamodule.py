@@ -85,10 +85,12 @@ class _SpotSource:
         with_targets: bool,
         with_counts: bool,
         hidden_features: frozenset[str] = frozenset(),
+        with_totals: bool = False,
     ) -> None:
         self.slides = slides
         self.with_targets = with_targets
         self.with_counts = with_counts
+        self.with_totals = with_totals  # library sizes alone (no counts): allowed at predict
         self.hidden_features = hidden_features  # features this split must not serve (test latents)
         self._mm: dict[int, np.ndarray] = {}
 
@@ -119,6 +121,8 @@ class _SpotSource:
             out["expression"] = torch.from_numpy(sd.targets[rows])
         if self.with_counts:
             out["counts"] = torch.from_numpy(sd.counts[rows])
+            out["totals"] = torch.from_numpy(sd.totals[rows])
+        elif self.with_totals:
             out["totals"] = torch.from_numpy(sd.totals[rows])
         if sd.array_coords is not None:
             out["array_coords"] = torch.from_numpy(sd.array_coords[rows])
@@ -245,6 +249,8 @@ class STDataModule(L.LightningDataModule):
     maps a name to a `FeatureFn`; its arrays appear as `batch["features"][name]` (the encoder
     feature store plugs in here). `neighbours=k` adds the global indices of each spot's k nearest
     spots of the same slide. `whole_slide=True` makes one batch = one slide (`pad_to` pads it).
+    `include_counts` adds raw panel counts and totals to batches with targets (never predict);
+    `include_totals` adds only the library sizes to every batch, predict included.
     """
 
     def __init__(
@@ -273,6 +279,7 @@ class STDataModule(L.LightningDataModule):
         neighbours: int | None = None,
         features: Mapping[str, FeatureFn] | None = None,
         include_counts: bool = False,
+        include_totals: bool = False,
         graph: Mapping[str, Any] | None = None,
         pin_memory: bool = False,
         predict_condition: bool = False,
@@ -315,6 +322,9 @@ class STDataModule(L.LightningDataModule):
         self.k_neighbours = neighbours
         self.feature_fns = dict(features or {})
         self.include_counts = include_counts
+        # Library size per spot in EVERY loader, predict included (BatchRequirements.totals: the
+        # depth reference). Counts stay out of predict batches whatever this says.
+        self.include_totals = bool(include_totals)
         self.graph = dict(graph) if graph is not None else None
         self.pin_memory = pin_memory
         # Image generation (task "image") is conditioned on the test spots' expression, so predict
@@ -460,7 +470,8 @@ class STDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=batch_size or self.eval_batch_size, num_workers=self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
-        """The test spots without targets or counts, so no method can read them while predicting.
+        """The test spots without targets or counts, so no method can read them while predicting
+        (library sizes only with `include_totals`, for reference methods that declare them).
         Image-generation jobs (`predict_condition`) get the targets as their condition instead, and
         never the features named in `predict_hidden_features` (the real tiles' latents).
 
@@ -616,7 +627,13 @@ class STDataModule(L.LightningDataModule):
     ) -> Dataset:
         self._require_setup()
         counts = targets and self.include_counts if counts is None else counts
-        source = _SpotSource(self._data, with_targets=targets, with_counts=counts, hidden_features=hidden)
+        source = _SpotSource(
+            self._data,
+            with_targets=targets,
+            with_counts=counts,
+            hidden_features=hidden,
+            with_totals=self.include_totals,
+        )
         images = self.patch_spec is not None
         rows = self._rows_of(split)
         if self.whole_slide:

@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 TASKS = ("expression", "image")
+# "method": a method under benchmark (ranked). "reference": a yardstick (the training mean, the
+# library-size predictor) shown beside the methods of its section, with no rank, bold or significance mark.
+KINDS = ("method", "reference")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,10 @@ class BatchRequirements:
         False  # raw panel counts + library sizes (batch["counts"], batch["totals"]); never at predict
     )
     graph: dict[str, Any] | None = None  # whole-slide spot graph, batch["edge_index"] (see data/context.py)
+    # Library size of each spot (its count over ALL genes), batch["totals"], served at predict too
+    # (never the counts). It is read from the test spot's counts, so only reference methods (the
+    # `depth` predictor) should declare it: an image method that reads it is not image-only.
+    totals: bool = False
 
 
 class Method(L.LightningModule):
@@ -44,6 +51,7 @@ class Method(L.LightningModule):
 
     name: ClassVar[str] = ""
     task: ClassVar[str] = "expression"
+    kind: ClassVar[str] = "method"  # one of KINDS
     requires: ClassVar[BatchRequirements] = BatchRequirements()
     # Ordered stages; "fit" is Lightning's Trainer.fit. Any other stage S calls `run_stage_S(dm)`.
     stages: ClassVar[tuple[str, ...]] = ("fit",)

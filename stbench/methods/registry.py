@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 from stbench.errors import StbenchError, UnknownNameError
-from stbench.methods.base import TASKS, Method
+from stbench.methods.base import KINDS, TASKS, Method
 
 _REGISTRY: dict[str, type[Method]] = {}
 _LOADED = False
@@ -23,6 +23,8 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise StbenchError(f"{cls.__name__} has no `name`")
     if cls.task not in TASKS:
         raise StbenchError(f"{cls.__name__}.task must be one of {TASKS}, got {cls.task!r}")
+    if cls.kind not in KINDS:
+        raise StbenchError(f"{cls.__name__}.kind must be one of {KINDS}, got {cls.kind!r}")
     _REGISTRY[cls.name] = cls
     return cls
 

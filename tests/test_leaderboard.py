@@ -168,14 +168,15 @@ def test_headers_state_protocol_gene_set_convention_weights_and_n(tmp_path: Path
     md = paths["md"].read_text()
     sections = md.split("\n## ")[1:]
     assert [s.splitlines()[0] for s in sections] == [
-        "cscc · lopo · top-var n=50",
-        f"her2st · loso · {GENE_SET}",
+        "cscc · lopo · top-var n=50 · target unrecorded · folds B4, C2, C3",
+        f"her2st · loso · {GENE_SET} · target unrecorded · folds B4, C2, C3",
     ]
     for s, (dataset, protocol, gene_set) in zip(
         sections, [("cscc", "lopo", "top-var n=50"), ("her2st", "loso", GENE_SET)], strict=True
     ):
         assert f"- **Protocol:** `{protocol}` on dataset `{dataset}`" in s
         assert f"- **Gene set:** `{gene_set}`" in s
+        assert "- **Target:** `unrecorded`" in s and "- **Folds:** 3 folds: `B4`, `C2`, `C3`." in s
         assert f"- **PCC convention:** `pcc` (per slide, gene-wise): {PCC_CONVENTION}." in s
         assert "`pcc50`: the same on k genes FIXED before testing" in s
         assert "`pcc50_posthoc`: POST-HOC" in s
@@ -184,7 +185,7 @@ def test_headers_state_protocol_gene_set_convention_weights_and_n(tmp_path: Path
         table = {r[1]: r for r in _section_rows(s)}
         assert table["patch-cnn"][2] == "none (random init)"
         assert table["uni-ridge"][2] == "hf:MahmoodLab/UNI"
-        assert table["mean"][-3:] == ["3 × 2", "6", "n/a"]  # n, jobs, significance
+        assert table["mean"][0] == "ref" and table["mean"][-3:] == ["3 × 2", "6", "reference"]
     tex = paths["tex"].read_text()
     assert tex.count("\\begin{table}") == 2 and "\\textbf{Protocol:} \\texttt{loso}" in tex
     assert "none (random init)" in tex and "\\textbf{PCC convention:}" in tex
@@ -196,7 +197,7 @@ def test_rows_sorted_by_pcc_and_null_metric_shows_na_with_footnote(results_dir: 
     paths = build_leaderboard(results_dir, tmp_path / "out")
     md = paths["md"].read_text()
     table = _section_rows(md)
-    assert [(r[0], r[1]) for r in table] == [("1", "uni-ridge"), ("2", "patch-cnn"), ("3", "mean")]
+    assert [(r[0], r[1]) for r in table] == [("1", "uni-ridge"), ("2", "patch-cnn"), ("ref", "mean")]
     header = next(line for line in md.splitlines() if line.startswith("| #"))
     cols = [c.strip() for c in header.strip("|").split("|")]
     mean = dict(zip(cols, table[2], strict=True))
@@ -228,6 +229,7 @@ def test_csv_carries_every_metric_mean_and_sd(results_dir: Path, tmp_path: Path)
                     assert float(r[f"{key}_{stat}"]) == pytest.approx(expected, abs=1e-6)
         assert len(r["job_ids"].split(";")) == int(r["n_rows"]) == 6
     assert table[2]["pcc_null"] == "6" and table[2]["weights_label"] == "none (random init)"
+    assert [(r["rank"], r["kind"]) for r in table] == [("1", "method"), ("2", "method"), ("", "reference")]
 
 
 # ---- reading rows ------------------------------------------------------------------------------------
@@ -285,7 +287,10 @@ def test_image_generation_rows_get_their_own_table_with_fid_and_oracle_columns(t
     md = build_leaderboard(tmp_path / "r", tmp_path / "out")["md"].read_text()
     sections = md.split("\n## ")[1:]
     titles = [s.splitlines()[0] for s in sections]
-    assert titles == [f"her2st · loso · {GENE_SET}", f"her2st · loso · {GENE_SET} · image generation"]
+    assert titles == [
+        f"her2st · loso · {GENE_SET} · target unrecorded · folds B4, C2, C3",
+        f"her2st · loso · {GENE_SET} · target unrecorded · fold B4 · image generation",
+    ]
     expr, img = sections
     assert "fid_uni" not in expr and "pcc" not in img.split("| # |")[1].splitlines()[0]
     table = {r[1]: r for r in _section_rows(img)}

@@ -42,11 +42,30 @@ DEFAULT_CONVENTIONS = {
     "pcc": "gene-wise Pearson over the spots of one test slide, mean over the declared genes; genes constant "
     "in truth or prediction are excluded and counted, never averaged as 0",
 }
-SIGNIFICANCE_TEXT = (
-    "paired Wilcoxon signed-rank test on per-slice `pcc` of each row against the best row "
-    "(one-sided, pairs = same fold, seed and slide); *** p < 0.001, ** p < 0.01, * p < 0.05, "
-    "ns otherwise (HINGE's marks)"
-)
+TITLE_FOLDS = 6  # a section title lists its folds up to this many (the header always lists them)
+REF_MARK = "ref"  # the `#` cell of a reference row: references are never ranked
+DEPTH = "depth"  # the library-size reference `pcc − depth` is measured against
+DELTA = "pcc − depth"
+# What each target transform is (stbench/data/normalize.py); the protocol cards say who uses which.
+TARGET_TEXT = {
+    "log1p": "ln(1 + raw counts), no library-size normalisation",
+    "log2p1": "log2(1 + raw counts), no library-size normalisation",
+    "normalize_log1p": "ln(1 + x · target_sum / total), total = the spot's count over ALL genes "
+    "(scanpy normalize_total + log1p)",
+    "normalize_log1p_panel": "ln(1 + x · target_sum / panel total), library size over the panel genes only",
+    "stnet": "ST-Net's ln((1 + x) / (total + number of measured genes))",
+    res.UNRECORDED: "rows written before rows recorded their target transform",
+}
+
+
+def significance_text(metric: str) -> str:
+    unit = "per-fold" if metric == "pcc_pooled" else "per-slice"
+    pairs = "same fold and seed" if metric == "pcc_pooled" else "same fold, seed and slide"
+    return (
+        f"paired Wilcoxon signed-rank test on {unit} `{metric}` of each method row against the best "
+        f"method row (one-sided, pairs = {pairs}); *** p < 0.001, ** p < 0.01, * p < 0.05, "
+        "ns otherwise (HINGE's marks); references are not tested"
+    )
 
 
 def weights_label(weights: str) -> str:
@@ -85,6 +104,7 @@ class Section:
     entries: pd.DataFrame
     entry_rows: list[list[dict[str, Any]]]
     labels: list[str]
+    kinds: list[str] = field(default_factory=list)  # per entry: "method" | "reference"
 
     @property
     def job_ids(self) -> list[list[str]]:
@@ -129,6 +149,11 @@ def _convention_lines(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str])
         parts.append(
             f"{', '.join(f'`{m}`' for m in posthoc)}: POST-HOC, the k best genes on the test slide "
             "itself (Stem's convention; optimistic, never mixed with the fixed lists)."
+        )
+    if "pcc_partial" in metrics:
+        parts.append(
+            "`pcc_partial`: the same after an OLS fit on [1, log library size] is removed from truth and "
+            "prediction (what is left beyond sequencing depth)."
         )
     if "pcc_pooled" in metrics:
         parts.append("`pcc_pooled`: spots of all test slides of a fold stacked (can be inflated).")
@@ -177,11 +202,27 @@ def _metric_cell(e: Mapping[str, Any], m: str, label: str, notes: list[str]) -> 
     return Cell(text)
 
 
-def _bold_best(cells: list[list[Cell]], entries: pd.DataFrame, metrics: Sequence[str], first: int) -> None:
+def _bold_best(
+    cells: list[list[Cell]],
+    entries: pd.DataFrame,
+    metrics: Sequence[str],
+    first: int,
+    ranked: Sequence[bool] | None = None,
+) -> None:
+    """Bold the best shown value of each column among the ranked (method) rows only."""
+    ok = list(ranked) if ranked is not None else [True] * len(entries)
     for j, m in enumerate(metrics):
         if m in res.REFERENCE_METRICS:
             continue
-        shown = [(fmt(e[f"{m}_mean"]), i) for i, (_, e) in enumerate(entries.iterrows()) if e[f"{m}_n"] > 0]
+        if m == DELTA:
+            vals = [(e["pcc_minus_depth"], i) for i, (_, e) in enumerate(entries.iterrows())]
+            shown = [(fmt(float(v)), i) for v, i in vals if ok[i] and not math.isnan(v)]
+        else:
+            shown = [
+                (fmt(e[f"{m}_mean"]), i)
+                for i, (_, e) in enumerate(entries.iterrows())
+                if ok[i] and e[f"{m}_n"] > 0
+            ]
         if len(shown) < 2:
             continue
         pick = min if m in res.LOWER_IS_BETTER else max
@@ -192,86 +233,221 @@ def _bold_best(cells: list[list[Cell]], entries: pd.DataFrame, metrics: Sequence
 
 
 def _vs_best(e: Mapping[str, Any]) -> str:
-    mark, p = e.get("pcc_mark", ""), e.get("pcc_p_vs_best", math.nan)
+    if e.get("kind") == "reference":
+        return "reference"
+    mark, p = e.get("mark_vs_best", ""), e.get("p_vs_best", math.nan)
     if mark == "best":
         return "best"
     if isinstance(p, float) and not math.isnan(p):
         return f"p = {p:.3g} {mark}"
-    return "n/a" if "pcc_n" in e and int(e["pcc_n"]) == 0 else "—"
+    h = e.get("headline", res.MAIN_METRIC)
+    return "n/a" if f"{h}_n" in e and int(e[f"{h}_n"]) == 0 else "—"
+
+
+def headline_metric(protocol: str) -> str:
+    """HEST-Bench's headline is PCC pooled over a fold's test slides; every other protocol's is `pcc`."""
+    return "pcc_pooled" if protocol == "hest" else res.MAIN_METRIC
+
+
+def _fold_list(folds: Sequence[str]) -> str:
+    return ", ".join(f"`{f}`" for f in folds)
+
+
+def _section_title(dataset: str, protocol: str, gene_set: str, target: str, folds: Sequence[str]) -> str:
+    if len(folds) > TITLE_FOLDS:
+        where = f"{len(folds)} folds"  # the header's Folds line lists them
+    else:
+        where = ("fold " if len(folds) == 1 else "folds ") + ", ".join(folds)
+    return f"{dataset} · {protocol} · {gene_set} · target {target} · {where}"
+
+
+def _fold_sections(
+    t_rows: Sequence[dict[str, Any]], headline: str
+) -> list[tuple[tuple[str, ...], pd.DataFrame, list[dict[str, Any]]]]:
+    """Split one table (dataset, protocol, gene set, task, target) by fold set: an entry
+    (method, config, weights) goes to the section of exactly the folds it ran, so rows on different
+    folds are never ranked together. Each reference entry is added, aggregated over the section's folds
+    only, to every section whose folds it covers. Returns (folds, entries, the section's rows):
+    sections with more folds first, then by fold list; methods by `headline` (best first), then
+    references by name."""
+    agg = res.aggregate(t_rows)
+    folds = [tuple(str(f).split(";")) for f in agg["folds"]]
+    is_ref = list(agg["kind"] == "reference")
+    out = []
+    for fs in sorted(set(folds), key=lambda s: (-len(s), s)):
+        methods = agg[[f == fs and not r for f, r in zip(folds, is_ref, strict=True)]]
+        s_rows = [r for _, e in methods.iterrows() for r in res.entry_rows(t_rows, e)]
+        refs = []
+        for i in (i for i, r in enumerate(is_ref) if r and set(fs) <= set(folds[i])):
+            sub = [r for r in res.entry_rows(t_rows, agg.iloc[i]) if r["fold"] in fs]
+            refs.append(res.aggregate(sub))
+            s_rows += sub
+        methods = res.sort_entries(methods, headline)
+        ref_frame = (
+            pd.concat(refs, ignore_index=True).sort_values(
+                ["method", "config_hash", "weights"], kind="mergesort"
+            )
+            if refs
+            else None
+        )
+        entries = pd.concat([f for f in (methods, ref_frame) if f is not None], ignore_index=True)
+        entries = (
+            res.significance(s_rows, entries, metric=headline)
+            if headline in res.metric_names(s_rows)
+            else entries
+        )
+        out.append((fs, entries.reset_index(drop=True), s_rows))
+    return out
+
+
+def _with_generic_columns(entries: pd.DataFrame, headline: str, anchor: str) -> pd.DataFrame:
+    """Section id, rank (methods only), the headline's test columns and `pcc − depth`."""
+    e = entries.copy()
+    ranks, k = [], 0
+    for kind in e["kind"]:
+        k += kind != "reference"
+        ranks.append(k if kind != "reference" else math.nan)
+    e["section"], e["rank"], e["headline"] = anchor, ranks, headline
+    for src, dst, empty in (
+        ("p_vs_best", "p_vs_best", math.nan),
+        ("mark", "mark_vs_best", ""),
+        ("pairs", "pairs_vs_best", 0),
+    ):
+        e[dst] = e.get(f"{headline}_{src}", empty)
+    depth = e[(e["kind"] == "reference") & (e["method"] == DEPTH)]
+    base = depth["pcc_mean"].iloc[0] if len(depth) and "pcc_mean" in e else math.nan
+    e["pcc_minus_depth"] = e["pcc_mean"] - base if "pcc_mean" in e else math.nan
+    return e
+
+
+def _delta_cell(e: Mapping[str, Any]) -> Cell:
+    v = e.get("pcc_minus_depth", math.nan)
+    return Cell("—") if v is None or (isinstance(v, float) and math.isnan(v)) else Cell(fmt(float(v)))
+
+
+def _metric_columns(metrics: Sequence[str], headline: str) -> list[str]:
+    """The headline first; `pcc − depth` right after pcc (expression tables)."""
+    cols = [headline] + [m for m in metrics if m != headline] if headline in metrics else list(metrics)
+    if "pcc" in cols:
+        cols.insert(cols.index("pcc") + 1, DELTA)
+    return cols
 
 
 def build_sections(rows: Sequence[dict[str, Any]]) -> list[Section]:
-    agg = res.significance(rows, res.aggregate(rows)) if rows else pd.DataFrame()
-    sections = []
-    for t, (key, entries) in enumerate(agg.groupby(list(res.TABLE_KEYS), sort=True) if rows else [], start=1):
-        dataset, protocol, gene_set, task = key
-        if task == "image":
-            sections.append(
-                _image_section(t, dataset, protocol, gene_set, entries.reset_index(drop=True), rows)
-            )
-            continue
-        entries = entries.reset_index(drop=True)
-        e_rows = [[dict(r) for r in res.entry_rows(rows, e)] for _, e in entries.iterrows()]
-        t_rows = [r for group in e_rows for r in group]
-        metrics = [m for m in res.metric_names(t_rows)]
-        labels = _labels(entries)
-        notes: list[str] = []
-        cells = []
-        for i, (_, e) in enumerate(entries.iterrows()):
-            grid = f"{e['n_folds']} × {e['n_seeds']}"
-            if e["n_rows"] != e["n_folds"] * e["n_seeds"]:
-                grid += f" (incomplete: {e['n_rows']} jobs)"
-            cells.append(
-                [Cell(str(i + 1)), Cell(labels[i]), Cell(weights_label(e["weights"]))]
-                + [_metric_cell(e, m, labels[i], notes) for m in metrics]
-                + [Cell(grid), Cell(str(e["n_rows"])), Cell(_vs_best(e))]
-            )
-        _bold_best(cells, entries, metrics, first=3)
-        weights = sorted({weights_label(w) for w in entries["weights"]})
-        grids = sorted(
-            {
-                f"{a} fold{'s' * (a != 1)} × {b} seed{'s' * (b != 1)}"
-                for a, b in zip(entries["n_folds"], entries["n_seeds"], strict=True)
-            }
-        )
-        n_genes = _span(entries["n_genes"])
-        n_genes = "" if n_genes.endswith(" genes") and f"({n_genes}" in gene_set else n_genes
-        header = [
-            ("Protocol", f"`{protocol}` on dataset `{dataset}`"),
-            ("Gene set", f"`{gene_set}`" + (f" ({n_genes})" if n_genes else "")),
-            ("PCC convention", _convention_lines(t_rows, metrics)),
-            (
-                "Weights",
-                "per row, column `weights`"
-                + (f"; all rows: `{weights[0]}`" if len(weights) == 1 else "")
-                + f". `{RANDOM_INIT}` = no pretrained weights, trained from random initialisation.",
-            ),
-            (
-                "n",
-                f"{grids[0] if len(grids) == 1 else 'per row, column n'} (folds × seeds); values are "
-                "mean ± sd over folds × seeds (sample sd, ddof = 1), each fold the mean over its test slides.",
-            ),
-            ("Significance", f"column `pcc vs best`: {SIGNIFICANCE_TEXT}."),
-            (
-                "Legend",
-                "bold = best in column; `n/a` = no value (see the note); `—` = not computed for that row.",
-            ),
-        ]
-        columns = ["#", "method", "weights", *metrics, "n (folds × seeds)", "jobs", "pcc vs best"]
-        sections.append(
-            Section(
-                f"t{t}",
-                f"{dataset} · {protocol} · {gene_set}",
-                header,
-                columns,
-                cells,
-                notes,
-                entries,
-                e_rows,
-                labels,
-            )
-        )
+    tables: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        tables.setdefault(tuple(res._key(r, k) for k in res.TABLE_KEYS), []).append(r)
+    sections: list[Section] = []
+    for key in sorted(tables):
+        dataset, protocol, gene_set, task, target = key
+        headline = headline_metric(protocol)
+        for fs, entries, s_rows in _fold_sections(tables[key], headline):
+            anchor = f"t{len(sections) + 1}"
+            entries = _with_generic_columns(entries, headline, anchor)
+            title = _section_title(dataset, protocol, gene_set, target, fs)
+            if task == "image":
+                sections.append(_image_section(anchor, title, key, fs, entries, s_rows))
+            else:
+                sections.append(_expression_section(anchor, title, key, fs, entries, s_rows, headline))
     return sections
+
+
+def _expression_section(
+    anchor: str,
+    title: str,
+    key: tuple[str, ...],
+    folds: Sequence[str],
+    entries: pd.DataFrame,
+    s_rows: Sequence[dict[str, Any]],
+    headline: str,
+) -> Section:
+    dataset, protocol, gene_set, _, target = key
+    e_rows = [[dict(r) for r in res.entry_rows(s_rows, e)] for _, e in entries.iterrows()]
+    metrics = res.metric_names(s_rows)
+    columns_m = _metric_columns(metrics, headline)
+    labels = _labels(entries)
+    kinds = list(entries["kind"])
+    notes: list[str] = []
+    cells = []
+    for i, (_, e) in enumerate(entries.iterrows()):
+        grid = f"{e['n_folds']} × {e['n_seeds']}"
+        if e["n_rows"] != e["n_folds"] * e["n_seeds"]:
+            grid += f" (incomplete: {e['n_rows']} jobs)"
+        rank = REF_MARK if kinds[i] == "reference" else str(int(e["rank"]))
+        cells.append(
+            [Cell(rank), Cell(labels[i]), Cell(weights_label(e["weights"]))]
+            + [_delta_cell(e) if m == DELTA else _metric_cell(e, m, labels[i], notes) for m in columns_m]
+            + [Cell(grid), Cell(str(e["n_rows"])), Cell(_vs_best(e))]
+        )
+    ranked = [k != "reference" for k in kinds]
+    _bold_best(cells, entries, columns_m, first=3, ranked=ranked)
+    weights = sorted({weights_label(w) for w in entries["weights"]})
+    grids = sorted(
+        {
+            f"{a} fold{'s' * (a != 1)} × {b} seed{'s' * (b != 1)}"
+            for a, b in zip(entries["n_folds"], entries["n_seeds"], strict=True)
+        }
+    )
+    n_genes = _span(entries["n_genes"])
+    n_genes = "" if n_genes.endswith(" genes") and f"({n_genes}" in gene_set else n_genes
+    has_depth = any(k == "reference" and m == DEPTH for k, m in zip(kinds, entries["method"], strict=True))
+    refs = sorted({m for k, m in zip(kinds, entries["method"], strict=True) if k == "reference"})
+    header = [
+        ("Protocol", f"`{protocol}` on dataset `{dataset}`"),
+        ("Gene set", f"`{gene_set}`" + (f" ({n_genes})" if n_genes else "")),
+        (
+            "Target",
+            f"`{target}`"
+            + (f": {TARGET_TEXT[target]}" if target in TARGET_TEXT else "")
+            + ". Rows on another target are in another section.",
+        ),
+        (
+            "Folds",
+            f"{len(folds)} fold{'s' * (len(folds) != 1)}: {_fold_list(folds)}. Every row of this section ran "
+            "exactly these folds; rows on other folds are in other sections, never ranked beside these.",
+        ),
+        ("PCC convention", _convention_lines(s_rows, metrics)),
+        (
+            "References",
+            (
+                f"rows marked `{REF_MARK}` ({', '.join(f'`{m}`' for m in refs)}) are references, aggregated over "
+                "this section's folds: never ranked, bold or tested. "
+                if refs
+                else "no reference row on these folds. "
+            )
+            + (
+                f"`{DELTA}` = the row's mean `pcc` minus the `depth` reference's mean `pcc` on these folds "
+                "(library size alone; see docs/metrics.md)."
+                if has_depth
+                else f"`{DELTA}` is empty: no `depth` row on these folds."
+            ),
+        ),
+        (
+            "Weights",
+            "per row, column `weights`"
+            + (f"; all rows: `{weights[0]}`" if len(weights) == 1 else "")
+            + f". `{RANDOM_INIT}` = no pretrained weights, trained from random initialisation.",
+        ),
+        (
+            "n",
+            f"{grids[0] if len(grids) == 1 else 'per row, column n'} (folds × seeds); values are "
+            "mean ± sd over folds × seeds (sample sd, ddof = 1), each fold the mean over its test slides"
+            + (
+                " (`pcc_pooled`: one value per fold, over its pooled test spots)."
+                if headline == "pcc_pooled"
+                else "."
+            ),
+        ),
+        ("Ranking", f"by mean `{headline}`, methods only."),
+        ("Significance", f"column `{headline} vs best`: {significance_text(headline)}."),
+        (
+            "Legend",
+            f"bold = best method in column; `{REF_MARK}` = reference row; `n/a` = no value (see the note); "
+            "`—` = not computed for that row.",
+        ),
+    ]
+    columns = ["#", "method", "weights", *columns_m, "n (folds × seeds)", "jobs", f"{headline} vs best"]
+    return Section(anchor, title, header, columns, cells, notes, entries, e_rows, labels, kinds)
 
 
 IMAGE_METRICS_TEXT = (
@@ -285,9 +461,15 @@ IMAGE_METRICS_TEXT = (
 
 
 def _image_section(
-    t: int, dataset: str, protocol: str, gene_set: str, entries: pd.DataFrame, rows: Sequence[dict[str, Any]]
+    anchor: str,
+    title: str,
+    key: tuple[str, ...],
+    folds: Sequence[str],
+    entries: pd.DataFrame,
+    rows: Sequence[dict[str, Any]],
 ) -> Section:
     """An image-generation table: FID per regime and oracle AUC; no PCC significance column."""
+    dataset, protocol, gene_set, _, _ = key
     e_rows = [[dict(r) for r in res.entry_rows(rows, e)] for _, e in entries.iterrows()]
     metrics = res.metric_names([r for g in e_rows for r in g])
     labels = _labels(entries)
@@ -301,16 +483,27 @@ def _image_section(
                 for r in e_rows[i]
             }
         )
+        ref = e["kind"] == "reference"
         cells.append(
-            [Cell(str(i + 1)), Cell(labels[i]), Cell(weights_label(e["weights"]))]
+            [
+                Cell(REF_MARK if ref else str(int(e["rank"]))),
+                Cell(labels[i]),
+                Cell(weights_label(e["weights"])),
+            ]
             + [_metric_cell(e, m, labels[i], notes) for m in metrics]
             + [Cell(f"{e['n_folds']} × {e['n_seeds']}"), Cell(str(e["n_rows"])), Cell("; ".join(encoders))]
         )
-    _bold_best(cells, entries, metrics, first=3)
+    kinds = list(entries["kind"])
+    _bold_best(cells, entries, metrics, first=3, ranked=[k != "reference" for k in kinds])
     header = [
         ("Task", "image generation (tiles from expression + morphology conditions)"),
         ("Protocol", f"`{protocol}` on dataset `{dataset}`"),
         ("Gene set", f"`{gene_set}` (the expression condition)"),
+        (
+            "Folds",
+            f"{len(folds)} fold{'s' * (len(folds) != 1)}: {_fold_list(folds)}; rows on other folds are "
+            "in other sections.",
+        ),
         ("Metrics", IMAGE_METRICS_TEXT),
         ("Weights", f"per row, column `weights`. `{RANDOM_INIT}` = no pretrained weights."),
         ("n", "folds × seeds; values are mean ± sd over folds × seeds (sample sd, ddof = 1)."),
@@ -318,15 +511,7 @@ def _image_section(
     ]
     columns = ["#", "method", "weights", *metrics, "n (folds × seeds)", "jobs", "FID / oracle encoders"]
     return Section(
-        f"t{t}",
-        f"{dataset} · {protocol} · {gene_set} · image generation",
-        header,
-        columns,
-        cells,
-        notes,
-        entries,
-        e_rows,
-        labels,
+        anchor, f"{title} · image generation", header, columns, cells, notes, entries, e_rows, labels, kinds
     )
 
 
@@ -383,12 +568,14 @@ def render_markdown(sections: Sequence[Section], sources: Sequence[str]) -> str:
 
 def render_csv(sections: Sequence[Section]) -> str:
     """Every aggregated number at full CSV precision: each metric's mean, sd, n, null count and reason."""
-    frames = [s.entries.assign(label=s.labels, rank=range(1, len(s.labels) + 1)) for s in sections]
+    frames = [s.entries.assign(label=s.labels) for s in sections]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(res.GROUP_KEYS))
     metrics = res.metric_names([r for s in sections for g in s.entry_rows for r in g])
     cols = [
         *res.TABLE_KEYS,
+        "section",
         "rank",
+        "kind",
         "label",
         "method",
         "config_name",
@@ -404,7 +591,9 @@ def render_csv(sections: Sequence[Section]) -> str:
     ]
     for m in metrics:
         cols += [f"{m}_mean", f"{m}_sd", f"{m}_n", f"{m}_null", f"{m}_null_reason"]
-    cols += ["pcc_p_vs_best", "pcc_mark", "pcc_pairs", "job_ids"]
+        if m == "pcc":
+            cols.append("pcc_minus_depth")
+    cols += ["headline", "p_vs_best", "mark_vs_best", "pairs_vs_best", "job_ids"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
@@ -413,9 +602,19 @@ def render_csv(sections: Sequence[Section]) -> str:
         for c in cols:
             if c == "weights_label":
                 out.append(weights_label(e["weights"]))
-            elif c == "pcc_p_vs_best":
+            elif c == "p_vs_best":
                 out.append(_csv_num(e.get(c), ".6g"))
-            elif c.endswith(("_n", "_null", "_pairs")) or c in ("rank", "n_folds", "n_seeds", "n_rows"):
+            elif (
+                c.endswith(("_n", "_null", "_vs_best"))
+                and c != "mark_vs_best"
+                or c
+                in (
+                    "rank",
+                    "n_folds",
+                    "n_seeds",
+                    "n_rows",
+                )
+            ):
                 v = e.get(c)
                 out.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(int(v)))
             else:

@@ -32,6 +32,7 @@ td.b{font-weight:700}span.sd{font-size:.85em;color:#555}sup{color:#a33}ol.notes{
 details summary{cursor:pointer}details code{display:block;font-size:.85em;text-align:left}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.8em;color:#555}
 code{background:#f1f1f1;padding:0 3px;border-radius:3px}
+tr.ref td{font-style:italic;color:#555;background:#fbf6e9}
 """
 
 
@@ -93,12 +94,17 @@ def render_html(
                     ids = "".join(f"<code>{html.escape(j_id)}</code>" for j_id in s.job_ids[i])
                     body = f"<details><summary>{html.escape(c.text)}</summary>{ids}</details>"
                 tds.append(f'<td class="{cls}">{body}</td>' if cls else f"<td>{body}</td>")
-            out.append("<tr>" + "".join(tds) + "</tr>")
+            ref = i < len(s.kinds) and s.kinds[i] == "reference"  # references: marked, never ranked
+            out.append(('<tr class="ref">' if ref else "<tr>") + "".join(tds) + "</tr>")
         out.append("</tbody></table></div>")
         if s.notes:
             out.append('<ol class="notes">' + "".join(f"<li>{_html_text(n)}</li>" for n in s.notes) + "</ol>")
         box = [
-            (label, res.slice_values(rows, "pcc"), str(e.get("pcc_null_reason") or ""))
+            (
+                label + (" [ref]" if e.get("kind") == "reference" else ""),
+                res.slice_values(rows, "pcc"),
+                str(e.get("pcc_null_reason") or ""),
+            )
             for label, rows, (_, e) in zip(s.labels, s.entry_rows, s.entries.iterrows(), strict=True)
         ]
         out.append(

@@ -22,18 +22,35 @@ from stbench.errors import StbenchError
 
 SCHEMA = 1
 RESULTS_FILE = "results.jsonl"
-# task: expression prediction and image generation rows never share a table (different metrics).
-TABLE_KEYS = ("dataset", "protocol", "gene_set", "task")
+# task: expression prediction and image generation rows never share a table (different metrics);
+# target: numbers on log1p(raw) and on normalised targets are not comparable either.
+TABLE_KEYS = ("dataset", "protocol", "gene_set", "task", "target")
 TASKS = ("expression", "image")
+KINDS = ("method", "reference")
+# Rows written before `kind` existed: these method names were references (yardsticks) already.
+REFERENCE_METHODS = frozenset({"mean", "depth"})
+UNRECORDED = "unrecorded"  # target of rows written before rows carried it
 # config_hash is a key too: two configs of one method are two entries, never one mean over both.
-GROUP_KEYS = (*TABLE_KEYS, "weights", "method", "config_hash")
+GROUP_KEYS = (*TABLE_KEYS, "kind", "weights", "method", "config_hash")
 MAIN_METRIC = "pcc"
 LOWER_IS_BETTER = frozenset({"mse", "mae", "rvd", "fid_uni_ge", "fid_uni", "fid_ge", "fid_none", "fid_delta"})
 REFERENCE_METRICS = frozenset({"ari_truth"})  # computed on the truth: context, not a score to rank
 
 _REQUIRED_STR = ("job_id", "method", "dataset", "protocol", "gene_set", "weights")
 _BOOKKEEPING = re.compile(r"^(n_spots|n_genes)$|_n$|_excluded(_\w+)?$|_n_spots$|_k$")
-_ORDER = ("pcc", "pcc{k}", "pcc{k}_posthoc", "pcc_pooled", "pcc_spot", "mse", "mae", "rvd", "ssim", "coexpr")
+_ORDER = (
+    "pcc",
+    "pcc_partial",
+    "pcc{k}",
+    "pcc{k}_posthoc",
+    "pcc_pooled",
+    "pcc_spot",
+    "mse",
+    "mae",
+    "rvd",
+    "ssim",
+    "coexpr",
+)
 # Image generation (task "image"): the headline metrics of a row, in column order.
 IMAGE_METRICS = (
     "fid_uni_ge",
@@ -120,6 +137,10 @@ def validate_row(obj: object) -> dict[str, Any]:
     task = obj.get("task", "expression")  # rows written before image generation existed
     if task not in TASKS:
         raise ValueError(f"field 'task' must be one of {TASKS}, got {task!r}")
+    if "kind" in obj and obj["kind"] not in KINDS:
+        raise ValueError(f"field 'kind' must be one of {KINDS}, got {obj['kind']!r}")
+    if "target" in obj and (not isinstance(obj["target"], str) or not obj["target"]):
+        raise ValueError(f"field 'target' must be a non-empty string, got {obj['target']!r}")
     return {
         **obj,
         "task": task,
@@ -262,9 +283,9 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return sort_entries(df)
 
 
-def sort_entries(df: pd.DataFrame) -> pd.DataFrame:
-    """Tables in name order; inside a table best main metric first (null last), ties by name."""
-    main = f"{MAIN_METRIC}_mean"
+def sort_entries(df: pd.DataFrame, metric: str = MAIN_METRIC) -> pd.DataFrame:
+    """Tables in name order; inside a table best `metric` first (null last), ties by name."""
+    main = f"{metric}_mean"
     key = df[main].fillna(-math.inf) if main in df else pd.Series(-math.inf, index=df.index)
     ordered = df.assign(_neg=-key).sort_values(
         [*TABLE_KEYS, "_neg", "method", "weights", "config_hash"], kind="mergesort"
@@ -273,10 +294,13 @@ def sort_entries(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _slice_scores(rows: Iterable[Mapping[str, Any]], metric: str) -> dict[tuple[str, int, str], float | None]:
-    """Per-slice values keyed (fold, seed, slide); a row without per_slide counts as one slice (its fold)."""
+    """Per-slice values keyed (fold, seed, slide); a row without per_slide values of `metric` (no
+    per_slide, or a per-fold metric such as pcc_pooled) counts as one slice: its fold."""
     scores: dict[tuple[str, int, str], float | None] = {}
     for r in rows:
-        per_slide = r.get("per_slide") or {r["fold"]: r["metrics"]}
+        per_slide = r.get("per_slide") or {}
+        if not any(metric in v for v in per_slide.values()):
+            per_slide = {r["fold"]: r["metrics"]}
         for slide, values in per_slide.items():
             if metric in values:
                 scores[(r["fold"], r["seed"], str(slide))] = values[metric]
@@ -294,9 +318,20 @@ def entry_rows(rows: Iterable[Mapping[str, Any]], entry: Mapping[str, Any]) -> l
     return [r for r in rows if all(_key(r, k) == str(entry[k]) for k in GROUP_KEYS)]
 
 
+def row_kind(row: Mapping[str, Any]) -> str:
+    """ "method" or "reference"; a row without `kind` is a reference for `mean` and `depth`."""
+    return str(row.get("kind") or ("reference" if row["method"] in REFERENCE_METHODS else "method"))
+
+
 def _key(row: Mapping[str, Any], key: str) -> str:
-    """A grouping key's value; rows from before image generation have no `task` (= expression)."""
-    return str(row.get(key, "expression") if key == "task" else row[key])
+    """A grouping key's value; old rows have no `task` (= expression), `target` or `kind`."""
+    if key == "task":
+        return str(row.get("task", "expression"))
+    if key == "target":
+        return str(row.get("target") or UNRECORDED)
+    if key == "kind":
+        return row_kind(row)
+    return str(row[key])
 
 
 def significance(
@@ -306,7 +341,8 @@ def significance(
     signed-rank test (stbench.metrics.wilcoxon_test, one-sided: the best entry is better) on per-slice
     scores of every entry against the entry with the best mean, paired by (fold, seed, slide); slices
     where either value is null are not pairs. Marks are HINGE's (*** < 0.001, ** < 0.01, * < 0.05, ns).
-    p stays NaN for the best entry, with fewer than 2 pairs, or without stbench.metrics.statistics."""
+    p stays NaN for the best entry, with fewer than 2 pairs, or without stbench.metrics.statistics.
+    Reference entries (kind "reference") are never the best entry and never get a p or a mark."""
     out = agg.copy()
     p_col, mark_col, n_col = f"{metric}_p_vs_best", f"{metric}_mark", f"{metric}_pairs"
     out[p_col], out[mark_col], out[n_col] = math.nan, "", 0
@@ -318,7 +354,8 @@ def significance(
     except ImportError:  # pragma: no cover - the metrics package ships with stbench
         return out
     lower = metric in LOWER_IS_BETTER
-    for _, table in out.groupby(list(TABLE_KEYS), sort=True):
+    kinds = out["kind"] if "kind" in out else pd.Series("method", index=out.index)
+    for _, table in out[kinds != "reference"].groupby(list(TABLE_KEYS), sort=True):
         defined = table[table[mean_col].notna()]
         if defined.empty:
             continue

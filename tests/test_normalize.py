@@ -57,6 +57,28 @@ def test_normalize_log1p_equals_scanpy_with_library_size_over_all_genes() -> Non
         t.transform(panel_matrix(s, PANEL))
 
 
+def test_normalize_log1p_panel_equals_scanpy_on_the_panel_genes_only() -> None:
+    """TRIPLEX's convention: normalize_total over the panel genes, then log1p."""
+    import scanpy as sc
+
+    s = slides()[2]
+    sub = s.adata[:, list(PANEL.genes)].copy()
+    sc.pp.normalize_total(sub, target_sum=1e4)
+    sc.pp.log1p(sub)
+    expected = np.asarray(sub.X.toarray() if hasattr(sub.X, "toarray") else sub.X)
+    t = TargetTransform("normalize_log1p_panel")
+    assert t.target_sum == 1e4 and not t.needs_totals
+    got = t.transform_slide(s, PANEL)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # the panel rows sum to target_sum before the log; whole-transcriptome normalisation does not
+    np.testing.assert_allclose(np.expm1(got.astype(np.float64)).sum(1), 1e4, rtol=1e-5)
+    whole = TargetTransform("normalize_log1p").transform_slide(s, PANEL)
+    assert not np.allclose(got, whole)
+    half = TargetTransform("normalize_log1p_panel", target_sum=5e3).transform_slide(s, PANEL)
+    np.testing.assert_allclose(np.expm1(half.astype(np.float64)).sum(1), 5e3, rtol=1e-5)
+    assert np.all(TargetTransform("normalize_log1p_panel").transform(np.zeros((2, 3))) == 0)
+
+
 def test_zero_library_spot_stays_zero() -> None:
     t = TargetTransform("normalize_log1p")
     out = t.transform(np.zeros((1, 3)), np.zeros(1))

@@ -57,8 +57,39 @@ def test_normalised_x_is_refused_without_the_layer(dataset):
     with pytest.raises(DataError, match="whole numbers") as e:
         AnnDataReader(root).read_slide("tumour_b")
     assert e.value.slide == "tumour_b" and e.value.field == "X" and e.value.file.endswith("tumour_b.h5ad")
-    s = AnnDataReader(root, allow_non_integer=True).read_slide("tumour_b")
+    assert "counts: normalized" in e.value.problem and "log scale" in e.value.problem
+    # allow_non_integer admits fractional counts, never values that look log-normalised (issue 14)
+    with pytest.raises(DataError, match="look already normalised") as e:
+        AnnDataReader(root, allow_non_integer=True).read_slide("tumour_b")
+    assert e.value.file.endswith("tumour_b.h5ad") and e.value.field == "X"
+    s = AnnDataReader(root, counts="normalized").read_slide("tumour_b")
     assert not np.allclose(s.counts(), np.round(s.counts()))
+
+
+def _one_slide(root, x: np.ndarray) -> None:
+    """slides.csv + one h5ad whose X is `x` (spots on a line)."""
+    n = x.shape[0]
+    a = ad.AnnData(X=x.astype(np.float32), obs=pd.DataFrame(index=[f"s{i}" for i in range(n)]))
+    a.var_names = [f"G{j}" for j in range(x.shape[1])]
+    a.obsm["spatial"] = np.stack([np.arange(n) * 50.0, np.zeros(n)], axis=1)
+    a.write_h5ad(root / "one.h5ad")
+    pd.DataFrame([{"slide": "one", "h5ad": "one.h5ad"}]).to_csv(root / "slides.csv", index=False)
+
+
+def test_constant_library_size_is_refused_and_fractional_counts_pass(tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    raw = rng.poisson(40.0, size=(30, 6)).astype(np.float64) + 1
+    _one_slide(tmp_path, raw / raw.sum(1, keepdims=True) * 1e4)  # normalize_total, no log: max > 30
+    with pytest.raises(DataError, match="every spot sums to 10000") as e:
+        AnnDataReader(tmp_path, allow_non_integer=True).read_slide("one")
+    assert "counts: normalized" in str(e.value) and e.value.file.endswith("one.h5ad")
+    _one_slide(tmp_path, raw + 0.25)  # fractional counts (ambient-corrected): large, varying totals
+    with pytest.raises(DataError, match="not whole numbers"):
+        AnnDataReader(tmp_path).read_slide("one")
+    s = AnnDataReader(tmp_path, allow_non_integer=True).read_slide("one")
+    np.testing.assert_allclose(s.counts(), raw + 0.25, rtol=1e-6)
+    _one_slide(tmp_path, raw)  # whole numbers: always read
+    np.testing.assert_array_equal(AnnDataReader(tmp_path).read_slide("one").counts(), raw)
 
 
 def test_missing_column_missing_file_and_unknown_slide(tmp_path):

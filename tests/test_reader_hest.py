@@ -130,3 +130,23 @@ def test_spots_outside_the_wsi_fail_validation(tmp_path):
         HestReader(tmp_path).read_slide("TENX95").validate()
     assert e.value.slide == "TENX95" and e.value.field == "obsm/spatial"
     assert e.value.file.endswith("wsis/TENX95.tif")
+
+
+def test_log_normalised_x_is_refused_unless_declared(tmp_path):
+    """A HEST h5ad whose X was log-normalised would be log1p-transformed again: refused (issue 14)."""
+    truth = write_hest(tmp_path, ids=("TENX95",))
+    path = tmp_path / "st" / "TENX95.h5ad"
+    a = _read(path)
+    raw = np.asarray(a.X.toarray() if hasattr(a.X, "toarray") else a.X, dtype=np.float64)
+    tot = np.maximum(raw.sum(1, keepdims=True), 1)
+    a.X = np.log1p(raw / tot * 1e4).astype(np.float32)
+    a.write_h5ad(path)
+    with pytest.raises(DataError, match="look already normalised") as e:
+        HestReader(tmp_path).read_slide("TENX95")
+    assert e.value.file == str(path) and e.value.slide == "TENX95" and e.value.field == "X"
+    assert "counts: normalized" in e.value.problem
+    with pytest.raises(DataError, match="look already normalised"):
+        HestReader(tmp_path, allow_non_integer=True).read_slide("TENX95")
+    s = HestReader(tmp_path, counts="normalized").read_slide("TENX95")
+    np.testing.assert_allclose(s.counts(), a.X, rtol=1e-6)
+    assert s.n_spots == truth.counts["TENX95"].shape[0]

@@ -1,8 +1,13 @@
 """A prepared dataset: its card, its manifest, and its slides (parsed once, then cached).
 
-Parsed slides are cached as .h5ad under `<data root>/<name>/cache/slides/`, keyed by the sha256
-of the files they came from (recorded by `prepare`), the reader and its options: a changed input
-file gives a new key, so stale parses are never reused.
+Parsed slides are cached as .h5ad under `<data root>/<name>/cache/slides/`, keyed by every input
+that defines the slide: the sha256 of the files it came from (recorded by `prepare`), each file's
+current size and modification time (so a file edited after prepare is re-read, and `stbench data
+check` reports it), the slide's record (every field of its slides.csv row, its patients.csv entry:
+`SlideReader.slide_record`), the reader and its options (the `counts` declaration included). A
+changed input gives a new key, so stale parses are never reused. `Dataset.open` compares each
+slide's record with the one in the manifest and re-reads the slides whose record changed, so the
+patients the splits group by are the current ones (a corrected patient column moves the folds).
 
 Pseudo-bulk tiling (stbench.data.pseudobulk): a card with `pseudobulk` set (hest-bowel,
 hest-pancreas, crunchdao-bowel) turns every slide into tiles right after reading; the tiling
@@ -14,6 +19,7 @@ no tiling; this is how a plain `xenium` card gets tiled) and `Dataset.open(name,
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -27,7 +33,7 @@ from stbench.data.pseudobulk import TilingSpec, tile_slide
 from stbench.data.readers import SlideReader, get_reader
 from stbench.data.slide import Slide
 from stbench.errors import DataError
-from stbench.utils.io import atomic_path, sha256_file, stable_hash
+from stbench.utils.io import atomic_path, sha256_file, stable_hash, write_json_atomic
 
 # Bump when a reader's output for the same files changes, so cached parses are rebuilt.
 SLIDE_CACHE_VERSION = 1
@@ -98,14 +104,44 @@ class Dataset:
                 file=mpath,
                 field="manifest",
             ) from exc
-        return cls(card, data_root, manifest, tiling=tiling)
+        ds = cls(card, data_root, manifest, tiling=tiling)
+        ds._refresh_records(mpath)
+        return ds
+
+    def _refresh_records(self, manifest_path: Path) -> None:
+        """Re-read every slide whose record (slides.csv row, patient map entry) differs from the
+        manifest's, update its entry (patient, spots, ...) and rewrite the manifest.
+
+        A slide whose record cannot be read (dropped from slides.csv) is left for `verify`."""
+        if not self.raw.exists():
+            return
+        changed: dict[str, dict[str, str]] = {}
+        for sid, entry in self.manifest["slides"].items():
+            try:
+                record = self.reader.slide_record(sid)
+            except DataError:
+                continue
+            if record != entry.get("record", {}):
+                changed[sid] = record
+        from stbench.data.prepare import _relative
+
+        for sid, record in changed.items():
+            entry = self.manifest["slides"][sid]
+            # as prepare does for one slide: its files now (the row may name another h5ad or image)
+            entry["files"] = {
+                _relative(f, self.raw): sha256_file(f) for f in self.reader.slide_files(sid) if f.exists()
+            }
+            slide = self.load_slide(sid)  # the record is in the key: a fresh parse
+            entry.update(slide.summary(), has_image=slide.has_image, record=record)
+        if changed:  # on a read-only data root the refreshed entries still hold in memory
+            with contextlib.suppress(OSError):
+                write_json_atomic(manifest_path, self.manifest)
 
     # ---- metadata (from the manifest: no parsing) ----------------------------------------
     @property
     def reader(self) -> SlideReader:
         if self._reader is None:
-            options = {k: v for k, v in self.card.reader_options.items() if k != "tiling"}
-            self._reader = get_reader(self.card.reader)(self.raw, **options)
+            self._reader = get_reader(self.card.reader)(self.raw, **self.card.reader_kwargs())
         return self._reader
 
     @property
@@ -134,15 +170,29 @@ class Dataset:
     # ---- slides --------------------------------------------------------------------------
     def slide_cache_path(self, slide: str) -> Path:
         entry = self._check_known(slide)
+        files = entry.get("files", {})
         inputs: dict[str, Any] = {
-            "files": entry.get("files", {}),
+            "files": files,
+            "stamps": {rel: self._stamp(rel) for rel in sorted(files)},
             "reader": self.card.reader,
-            "options": {k: v for k, v in self.card.reader_options.items() if k != "tiling"},
+            "options": self.card.reader_kwargs(),
             "version": SLIDE_CACHE_VERSION,
         }
+        record = self.reader.slide_record(slide) if self.raw.exists() else entry.get("record", {})
+        if record:  # readers without records keep their keys
+            inputs["record"] = record
         if self.tiling is not None:  # untiled keys stay what they were before tiling existed
             inputs["tiling"] = self.tiling.key()
         return self.cache / "slides" / f"{slide}-{stable_hash(inputs)}.h5ad"
+
+    def _stamp(self, rel: str) -> list[int] | None:
+        """Size and modification time of a slide file now (None when missing): an edit re-reads."""
+        p = Path(rel) if Path(rel).is_absolute() else self.raw / rel
+        try:
+            st = p.stat()
+        except OSError:
+            return None
+        return [int(st.st_size), int(st.st_mtime_ns)]
 
     def load_slide(self, slide: str) -> Slide:
         path = self.slide_cache_path(slide)

@@ -5,7 +5,12 @@ Two steps. (1) A per-spot transform with no fitted state:
     log1p            y = ln(1 + x)
     log2p1           y = log2(1 + x)                             (HINGE / Stem code)
     normalize_log1p  y = ln(1 + x * target_sum / total)          (scanpy normalize_total + log1p;
-                     total = library size over ALL genes of the spot, not only the panel)
+                     total = library size over ALL genes of the spot, not only the panel;
+                     DeepSpot's convention, the default of loso and lopo)
+    normalize_log1p_panel
+                     y = ln(1 + x * target_sum / panel_total)    (normalize_total over the PANEL
+                     genes only, then log1p: TRIPLEX's convention; HisToGene and Hist2ST also
+                     normalise the library size over their selected genes before the log)
     stnet            y = ln((1 + x) / (total + n_total_genes))  (ST-Net `--norm`: total and gene
                      count of the whole measured transcriptome, before the panel filter)
     none             y = x
@@ -25,7 +30,7 @@ import numpy as np
 
 from stbench.utils.io import stable_hash
 
-METHODS = ("log1p", "log2p1", "normalize_log1p", "stnet", "none")
+METHODS = ("log1p", "log2p1", "normalize_log1p", "normalize_log1p_panel", "stnet", "none")
 SCALES = (None, "zscore", "minmax")
 _NEEDS_TOTALS = ("normalize_log1p", "stnet")
 
@@ -67,6 +72,8 @@ class TargetTransform:
             return np.log1p(x)
         if self.method == "log2p1":
             return np.log2(1.0 + x)
+        if self.method == "normalize_log1p_panel":
+            return np.log1p(x * _size_factor(self.target_sum, x.sum(axis=1))[:, None])
         if totals is None:
             raise ValueError(
                 f"target transform {self.method!r} needs per-spot totals over ALL genes "
@@ -76,8 +83,7 @@ class TargetTransform:
         if t.shape[0] != x.shape[0]:
             raise ValueError(f"totals has {t.shape[0]} spots, counts {x.shape[0]}")
         if self.method == "normalize_log1p":
-            factor = np.divide(self.target_sum, t, out=np.zeros_like(t), where=t > 0)
-            return np.log1p(x * factor[:, None])
+            return np.log1p(x * _size_factor(self.target_sum, t)[:, None])
         if n_total_genes is None or n_total_genes < 1:
             raise ValueError("target transform 'stnet' needs n_total_genes (genes measured in the slide)")
         return np.log((1.0 + x) / (t[:, None] + float(n_total_genes)))
@@ -168,3 +174,9 @@ class TargetTransform:
     @property
     def hash(self) -> str:
         return stable_hash(self.state_dict())
+
+
+def _size_factor(target_sum: float, totals: np.ndarray) -> np.ndarray:
+    """target_sum / total per spot; 0 for an empty spot (its values stay 0, as in scanpy)."""
+    t = np.asarray(totals, dtype=np.float64)
+    return np.divide(target_sum, t, out=np.zeros_like(t), where=t > 0)

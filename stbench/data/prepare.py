@@ -3,7 +3,8 @@
 With --source DIR the local copy is linked (or copied with --copy) after its layout is checked;
 without it the card's public downloads are fetched (git clone or HTTP with checksum). Every slide
 is then parsed once, validated, cached, and summarised in `manifest.json` with the sha256 of every
-file it came from, so later runs detect a changed or corrupted input.
+file it came from and its record (slides.csv row, patients.csv entry), so later runs detect a
+changed or corrupted input.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def prepare(
     raw = paths.raw_dir(name, data_root)
     raw.parent.mkdir(parents=True, exist_ok=True)
     if card.reader == "synthetic":
-        origin = _generate_synthetic(raw, synthetic_options or {})
+        # The card's generator options (reader_options['generate']: the context variant), then the caller's.
+        gen = {**card.reader_options.get("generate", {}), **(synthetic_options or {})}
+        origin = _generate_synthetic(raw, gen)
     elif source is not None:
         origin = _link_source(card, Path(source), raw, copy=copy)
     else:
@@ -55,7 +58,7 @@ def write_manifest(
     from stbench.data.dataset import Dataset
 
     raw = paths.raw_dir(card.name, data_root)
-    reader = get_reader(card.reader)(raw, **card.reader_options)
+    reader = get_reader(card.reader)(raw, **card.reader_kwargs())
     slides: dict[str, Any] = {}
     ids = reader.list_slides()
     if not ids:
@@ -65,6 +68,9 @@ def write_manifest(
     for sid in _progress(ids, progress, f"checksumming and parsing {card.name}"):
         files = {_relative(p, raw): sha256_file(p) for p in reader.slide_files(sid) if p.exists()}
         entry: dict[str, Any] = {"files": files}
+        record = reader.slide_record(sid)
+        if record:  # slides.csv row / patients.csv entry: Dataset.open re-reads the slide if it changes
+            entry["record"] = record
         ds.manifest["slides"][sid] = entry
         try:
             slide = ds.load_slide(sid)  # parses, validates and caches under the files' hashes
@@ -116,7 +122,7 @@ def _link_source(card: DatasetCard, source: Path, raw: Path, copy: bool) -> dict
     source = source.expanduser().resolve()
     if not source.exists():
         raise DataError(f"--source for {card.name} does not exist", file=source, field="source")
-    reader = get_reader(card.reader)(source, **card.reader_options)
+    reader = get_reader(card.reader)(source, **card.reader_kwargs())
     if not reader.list_slides():
         raise DataError(
             f"no {card.name} slides found in --source (expected the {card.reader} layout; "

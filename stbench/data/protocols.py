@@ -134,8 +134,13 @@ class Protocol:
         vocab = vocabulary if self.use_vocabulary else None
         return select_genes(train_slides, rule, vocabulary=vocab, **spec)
 
-    def target_transform(self) -> TargetTransform:
-        return TargetTransform(**self.target)
+    def target_spec(self, counts: str = "raw") -> dict[str, Any]:
+        """The target actually applied on a dataset whose values are `counts` (its card's
+        declaration): the protocol's for raw counts, method "none" for normalised values."""
+        return target_for_counts(self.target, counts)
+
+    def target_transform(self, counts: str = "raw") -> TargetTransform:
+        return TargetTransform(**self.target_spec(counts))
 
     def fit_fold(
         self,
@@ -166,7 +171,29 @@ class Protocol:
         return stable_hash(self.to_dict())
 
 
+def target_for_counts(spec: str | Mapping[str, Any], counts: str) -> dict[str, Any]:
+    """A target spec adjusted to a dataset's `counts` declaration.
+
+    "raw": unchanged. "normalized" (values already normalised or log-transformed): method "none",
+    so nothing is normalised twice; the per-gene scale step (zscore, minmax), fitted on training
+    spots, is kept, as it changes no library size."""
+    if counts not in ("raw", "normalized"):
+        raise ValueError(f"counts must be 'raw' or 'normalized', got {counts!r}")
+    out = {"method": spec} if isinstance(spec, str) else dict(spec)
+    if counts == "normalized":
+        out["method"] = "none"
+    return out
+
+
+def target_label(method: str, counts: str = "raw") -> str:
+    """The row's `target` field: the transform's method, or "none (counts: normalized)" when the
+    dataset declared its values normalised and the protocol's transform was skipped."""
+    return f"{method} (counts: normalized)" if counts == "normalized" else method
+
+
 _VAL10 = {"fraction": 0.1}
+# normalize_total(1e4) over ALL genes of the spot, then log1p: scanpy's convention, DeepSpot's code.
+_WHOLE = {"method": "normalize_log1p", "target_sum": 1e4}
 _HMHVG = {"n": 300, "on": "raw", "pool": "spots"}
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -176,37 +203,47 @@ PROTOCOLS: dict[str, Protocol] = {
             name="loso",
             description="Leave-one-slice-out: each slide is the test slide once; all other slides train "
             "(other sections of the test patient included, declared); 10% of training spots "
-            "validate; HMHVG-300 genes; log1p targets.",
+            "validate; HMHVG-300 genes; target normalize_log1p: normalize_total(1e4) over the whole "
+            "transcriptome of the spot, then log1p (scanpy's convention, as DeepSpot's code does). "
+            "Declared variants (data.target): log1p of raw counts (HEST-Bench's code), log2p1 "
+            "(Stem's and HINGE's), normalize_log1p_panel (TRIPLEX's: normalize_total(1e4) over its "
+            "selected genes, then log1p), stnet (ST-Net's log((1+y)/(n+Z))).",
             split="leave_one_slice_out",
             gene_rule="hmhvg",
             gene_params=dict(_HMHVG),
-            target={"method": "log1p"},
+            target=dict(_WHOLE),
             validation=dict(_VAL10),
             metrics=("pcc", "pcc50", "pcc200", "mse", "mae"),
             seeds=(0,),
             unit="slide",
-            reproduces="common slice-level protocol (ST-Net/HisToGene/TRIPLEX style)",
+            reproduces="common slice-level protocol; its split and panel are stbench's, its target is "
+            "DeepSpot's (normalize_total(1e4) over the whole transcriptome, then log1p), not any "
+            "paper's complete evaluation",
         ),
         Protocol(
             name="lopo",
             description="Leave-one-patient-out: all slides of one patient test; other patients train; "
-            "10% of training spots validate; HMHVG-300; log1p.",
+            "10% of training spots validate; HMHVG-300; target normalize_log1p: normalize_total(1e4) "
+            "over the whole transcriptome, then log1p (scanpy's convention, as DeepSpot's code does). "
+            "ST-Net's own target, log((1+y)/(n+Z)), is the declared variant data.target=stnet.",
             split="leave_one_patient_out",
             gene_rule="hmhvg",
             gene_params=dict(_HMHVG),
-            target={"method": "log1p"},
+            target=dict(_WHOLE),
             validation=dict(_VAL10),
             metrics=("pcc", "pcc50", "pcc200", "mse", "mae"),
             seeds=(0,),
             unit="patient",
-            reproduces="ST-Net (He et al. 2020) patient-level cross-validation",
+            reproduces="ST-Net (He et al. 2020) patient-level cross-validation (split only; the target "
+            "is DeepSpot's, ST-Net's is the stnet variant)",
         ),
         Protocol(
             name="hinge",
             description="HINGE: slice-level; with a dataset evaluation pool (Her2ST: A1..H1) one fold per "
             "pool section, else leave-one-slice-out; genes = HMHVG (top-300 mean ∩ top-300 "
             "variance on training raw counts) after intersecting with the method vocabulary; "
-            "log2(1+x) targets; 10% of training spots for early stopping; PCC-50/PCC-200 on "
+            "log2(1+x) of raw counts as targets (Stem's and HINGE's code); 10% of training spots for "
+            "early stopping; PCC-50/PCC-200 on "
             "the panel's most variable genes, MSE/MAE over all panel genes; seeds 0, 1, 2.",
             split="fixed_pool",
             fallback_split="leave_one_slice_out",
@@ -225,7 +262,8 @@ PROTOCOLS: dict[str, Protocol] = {
             name="diffbulk",
             description="DiffBulk: slide-level 3-fold CV (explicit groups from the dataset card, e.g. "
             "CrunchDAO 3/2/2, else 3 seeded folds); genes = top-200 by training variance of "
-            "log1p counts (variants top100, top200, all); log1p pseudo-bulk targets.",
+            "log1p counts (variants top100, top200, all); targets log1p of the raw pseudo-bulk "
+            "counts, no library-size normalisation (as HEST-Bench's code does for its targets).",
             split="kfold",
             split_params={"k": 3, "seed": 0},
             gene_rule="top_var",
@@ -245,8 +283,8 @@ PROTOCOLS: dict[str, Protocol] = {
         Protocol(
             name="stmdit",
             description="STMDiT: donor-level hold-out (test donors from the dataset card); genes = 3,000 "
-            "seurat_v3 HVGs with batch = slide; targets normalize_total(1e4) + log1p + z-score "
-            "fitted on training spots; image metrics FID and oracle AUC.",
+            "seurat_v3 HVGs with batch = slide; targets normalize_total(1e4) over the whole "
+            "transcriptome + log1p + z-score fitted on training spots; image metrics FID and oracle AUC.",
             split="donor_holdout",
             gene_rule="hvg",
             gene_params={"n": 3000, "batch_key": "slide"},
@@ -261,7 +299,8 @@ PROTOCOLS: dict[str, Protocol] = {
             name="hest",
             description="HEST-Bench: folds from the task's split files (splits/train_<i>.csv, "
             "test_<i>.csv); 50 genes (the task's list via gene_list=..., else top-50 by "
-            "training variance of log1p); log1p targets.",
+            "training variance of log1p); targets log1p of raw counts, as HEST-Bench's code does "
+            "(no library-size normalisation, despite its docstring).",
             split="split_files",
             split_params={"unit": "slide"},
             gene_rule="top_var",

@@ -30,6 +30,23 @@ where z_ik = clip((f_ik - centre_k) / scale_k, -4, 4) and f_ik are the morpholog
 statistics `morphology_features` computes from an RGB image by colour deconvolution). Centres and
 scales are fixed constants (calibrated once for the default rendering), so a slide's content
 depends only on (seed, slide index, parameters), never on how many other slides are generated.
+
+Variant `context` (``variant="context"``; the catalog's `synthetic-context`): some genes depend on
+tissue OUTSIDE the spot's own patch, so a method's context component (neighbour view, spot graph,
+attention across spots) has something to learn that a spot-only ablation cannot see:
+
+    log mu_ig += sum_k N_gk c_ik + R_g r_i
+
+- "neighbour" genes: c_ik = the mean z_k of the (up to 8) surrounding grid spots, minus its
+  least-squares prediction from the spot's own z_k (per slide), scaled to unit variance; so c
+  carries what the neighbours show and the spot itself does not (features: nuclei fraction, eosin).
+- "region" genes: r_i = +-1, the side of a random straight boundary across the slide (angle and
+  offset drawn per slide). The region shifts the nuclei-density and eosin fields by a modest
+  amount on one side: visible over many spots, weak inside one patch (local variation is larger),
+  and not a fixed position (the boundary moves between slides).
+In this variant genes.tsv gains the columns n_<feature> (N) and region_weight (R), and truth.tsv
+the columns context_<feature> (c) and region (r). The default variant draws exactly the same
+random numbers and writes the same bytes as before (its dataset.json has no `variant` field).
 """
 
 from __future__ import annotations
@@ -64,7 +81,10 @@ NUCLEUS_THRESHOLD = 0.35
 FEATURE_CENTRE = np.array([0.32, 0.88, 0.54, 0.084])
 FEATURE_SCALE = np.array([0.17, 0.20, 0.17, 0.05])
 
-ROLES = ("marker", "nonlinear", "mixed", "hidden", "noise")
+ROLES = ("marker", "nonlinear", "mixed", "hidden", "noise", "neighbour", "region")
+VARIANTS = ("default", "context")
+CONTEXT_FEATURES = (0, 2)  # nuclei_fraction, eosin: colour-level, still visible in 16-px patches
+REGION_SHIFT = 0.6  # logit shift of the density and eosin fields on the region's +1 side
 
 
 @dataclass(frozen=True)
@@ -84,6 +104,7 @@ class SyntheticParams:
     library_size: float = 1.0
     stain_jitter: float = 0.06
     tissue_fraction: float = 0.9
+    variant: str = "default"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +122,7 @@ def generate_synthetic(
     """Write the synthetic dataset under `root` (created if needed) and return `root`.
 
     `options` are the other fields of `SyntheticParams` (mpp, spot_diameter_um, spot_spacing_um,
-    margin_um, nuclei_per_mm2, library_size, stain_jitter, tissue_fraction). Slides are named
+    margin_um, nuclei_per_mm2, library_size, stain_jitter, tissue_fraction, variant). Slides are named
     ``P<patient>S<section>`` and assigned to patients round-robin. Deterministic: the same
     arguments give byte-identical files (same platform and numpy version).
     """
@@ -130,7 +151,7 @@ def generate_synthetic(
         {
             "format": "synthetic",
             "version": FORMAT_VERSION,
-            "params": asdict(params),
+            "params": _params_dict(params),
             "params_hash": params_hash(params),
             "slides": slides,
             "genes": genes["names"],
@@ -164,7 +185,16 @@ def ensure_synthetic(root: str | Path, **kwargs: Any) -> Path:
 
 
 def params_hash(params: SyntheticParams) -> str:
-    return stable_hash({"version": FORMAT_VERSION, **asdict(params)})
+    return stable_hash({"version": FORMAT_VERSION, **_params_dict(params)})
+
+
+def _params_dict(params: SyntheticParams) -> dict[str, Any]:
+    """asdict without `variant` for the default one, so the default dataset's bytes and hash stay
+    exactly what they were before variants existed."""
+    d = asdict(params)
+    if d["variant"] == "default":
+        del d["variant"]
+    return d
 
 
 def deconvolve(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -191,9 +221,20 @@ def standardise(features: np.ndarray) -> np.ndarray:
     return np.clip((np.asarray(features) - FEATURE_CENTRE) / FEATURE_SCALE, -4.0, 4.0)
 
 
-def expected_log_mean(z: np.ndarray, hidden: np.ndarray, genes: dict[str, Any]) -> np.ndarray:
-    """log mu without library size and patient effect: b + W z + nonlin(z) + h * hidden."""
+def expected_log_mean(
+    z: np.ndarray,
+    hidden: np.ndarray,
+    genes: dict[str, Any],
+    context: np.ndarray | None = None,
+    region: np.ndarray | None = None,
+) -> np.ndarray:
+    """log mu without library size and patient effect: b + W z + nonlin(z) + h * hidden, plus, in the
+    context variant, N c + R r (c: neighbour contrast per feature, r: region +-1)."""
     out = genes["base"][None, :] + z @ genes["weights"].T + hidden[:, None] * genes["hidden"][None, :]
+    if context is not None and "neighbour" in genes:
+        out += context @ genes["neighbour"].T
+    if region is not None and "region" in genes:
+        out += region[:, None] * genes["region"][None, :]
     for g, (kind, k1, k2, a) in enumerate(genes["nonlin"]):
         if kind == "quadratic":
             out[:, g] += a * (z[:, k1] ** 2 - 1.0)
@@ -214,6 +255,10 @@ def _check_params(p: SyntheticParams) -> None:
         raise ValueError(f"need spots_per_side >= 2 and n_genes >= 8, got {p.spots_per_side}, {p.n_genes}")
     if p.mpp <= 0 or p.spot_diameter_um <= 0 or p.spot_spacing_um <= 0:
         raise ValueError("mpp, spot_diameter_um and spot_spacing_um must be > 0")
+    if p.variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {p.variant!r}")
+    if p.variant == "context" and p.n_genes < 16:
+        raise ValueError(f"the context variant needs n_genes >= 16, got {p.n_genes}")
 
 
 def _gene_roles(n: int) -> list[str]:
@@ -268,7 +313,7 @@ def _gene_model(p: SyntheticParams) -> dict[str, Any]:
             weights[g] = rng.normal(0.0, 0.4, size=k)
         elif role == "hidden":
             hidden[g] = rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 1.0)
-    return {
+    out = {
         "names": [f"GENE{g:03d}" for g in range(n)],
         "roles": roles,
         "base": base,
@@ -278,6 +323,37 @@ def _gene_model(p: SyntheticParams) -> dict[str, Any]:
         "theta": theta,
         "marker_feature": marker_feature,
     }
+    if p.variant == "context":
+        _add_context_genes(p, out)
+    return out
+
+
+def _add_context_genes(p: SyntheticParams, genes: dict[str, Any]) -> None:
+    """Turn noise genes (and, if needed, the last mixed genes) into "neighbour" and "region" genes.
+
+    A separate random stream, so the other genes keep their default-variant parameters. About a
+    third of the panel depends on context: enough for the mean gene-wise PCC to show whether a
+    method uses it."""
+    rng = np.random.default_rng([p.seed, 4])
+    n = len(genes["roles"])
+    n_nb, n_reg = max(2, n // 5), max(2, n // 8)
+    pool = [g for g in range(n) if genes["roles"][g] == "noise"]
+    pool += [g for g in reversed(range(n)) if genes["roles"][g] == "mixed"]
+    chosen = pool[: n_nb + n_reg]
+    nb = np.zeros((n, len(FEATURES)))
+    reg = np.zeros(n)
+    for i, g in enumerate(chosen):
+        genes["weights"][g] = 0.0
+        genes["base"][g] = rng.uniform(np.log(15.0), np.log(40.0))
+        genes["theta"][g] = rng.uniform(15.0, 30.0)
+        sign = rng.choice([-1.0, 1.0])
+        if i < n_nb:
+            genes["roles"][g] = "neighbour"
+            nb[g, CONTEXT_FEATURES[i % len(CONTEXT_FEATURES)]] = sign * rng.uniform(0.8, 1.1)
+        else:
+            genes["roles"][g] = "region"
+            reg[g] = sign * rng.uniform(0.6, 0.9)
+    genes["neighbour"], genes["region"] = nb, reg
 
 
 def _patient_effects(p: SyntheticParams, index: int) -> dict[str, np.ndarray]:
@@ -300,6 +376,9 @@ def _write_genes_tsv(path: Path, genes: dict[str, Any]) -> None:
         "hidden_weight",
         "dispersion",
     ]
+    ctx = "neighbour" in genes
+    if ctx:
+        cols += [*[f"n_{f}" for f in FEATURES], "region_weight"]
     lines = ["\t".join(cols)]
     for g, name in enumerate(genes["names"]):
         kind, k1, k2, a = genes["nonlin"][g]
@@ -317,6 +396,8 @@ def _write_genes_tsv(path: Path, genes: dict[str, Any]) -> None:
             _f(genes["hidden"][g]),
             _f(genes["theta"][g]),
         ]
+        if ctx:
+            row += [*[_f(w) for w in genes["neighbour"][g]], _f(genes["region"][g])]
         lines.append("\t".join(row))
     write_text_atomic(path, "\n".join(lines) + "\n")
 
@@ -331,7 +412,7 @@ def read_gene_model(root: str | Path) -> dict[str, Any]:
         (r.nonlinear, idx.get(r.nonlinear_f1, 0), idx.get(r.nonlinear_f2, 0), float(r.nonlinear_a))
         for r in df.itertuples()
     ]
-    return {
+    out = {
         "names": df["gene"].tolist(),
         "roles": df["role"].tolist(),
         "base": df["base_log_mean"].to_numpy(float),
@@ -341,6 +422,10 @@ def read_gene_model(root: str | Path) -> dict[str, Any]:
         "theta": df["dispersion"].to_numpy(float),
         "marker_feature": np.array([idx.get(v, -1) for v in df["marker_feature"]]),
     }
+    if "region_weight" in df.columns:  # context variant
+        out["neighbour"] = df[[f"n_{f}" for f in FEATURES]].to_numpy(float)
+        out["region"] = df["region_weight"].to_numpy(float)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +448,8 @@ def _write_slide(
     rows, cols = rows.ravel(), cols.ravel()
     xy = np.stack([margin + cols * spacing, margin + rows * spacing], axis=1)
 
-    fields = _latent_fields(rng, side, spacing, patient_fx["latent_shift"], p.tissue_fraction)
+    region_map = _region_map(p, index, side) if p.variant == "context" else None
+    fields = _latent_fields(rng, side, spacing, patient_fx["latent_shift"], p.tissue_fraction, region_map)
     c_h, c_e = _render_concentrations(rng, fields, p)
     stain = _stain_batch(rng, p.stain_jitter)
     rgb = _to_rgb(rng, c_h, c_e, stain)
@@ -381,7 +467,12 @@ def _write_slide(
     z = standardise(feats)
     hidden = _sample_at(fields["hidden"], xy)
     lib = p.library_size * np.exp(rng.normal(0.0, 0.2) + rng.normal(0.0, 0.25, size=len(xy)))
-    log_mu = expected_log_mean(z, hidden, genes) + patient_fx["beta"][None, :] + np.log(lib)[:, None]
+    context = region = None
+    if region_map is not None:
+        context = neighbour_contrast(z, rows, cols)
+        region = np.where(_sample_at(region_map, xy) > 0.5, 1.0, -1.0)
+    log_mu = expected_log_mean(z, hidden, genes, context, region)
+    log_mu = log_mu + patient_fx["beta"][None, :] + np.log(lib)[:, None]
     mu = np.exp(np.clip(log_mu, -10.0, 12.0))
     theta = genes["theta"][None, :]
     counts = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.int64)
@@ -396,6 +487,9 @@ def _write_slide(
     _write_matrix_gz(folder / "expected.tsv.gz", spot_ids, genes["names"], mu, integer=False)
     tcols = [*FEATURES, *[f"z_{f}" for f in FEATURES], "hidden", "library_size"]
     tvals = np.concatenate([feats, z, hidden[:, None], lib[:, None]], axis=1)
+    if context is not None and region is not None:
+        tcols += [*[f"context_{f}" for f in FEATURES], "region"]
+        tvals = np.concatenate([tvals, context, region[:, None]], axis=1)
     _write_matrix(folder / "truth.tsv", spot_ids, tcols, tvals)
     write_json_atomic(
         folder / "meta.json",
@@ -412,6 +506,45 @@ def _write_slide(
             "stain": {k: np.round(v, 6).tolist() for k, v in stain.items()},
         },
     )
+
+
+def neighbour_contrast(z: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(n, K) per spot: the mean z of its (up to 8) surrounding grid spots, minus the per-slide
+    least-squares prediction from its own z, scaled to unit variance (columns outside
+    `CONTEXT_FEATURES` are 0). A spot without neighbours gets 0. What the neighbours add."""
+    where = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(rows, cols, strict=True))}
+    nb = np.array(z, dtype=np.float64, copy=True)
+    has = np.zeros(len(z), dtype=bool)
+    for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        idx = [
+            where[(int(r) + dr, int(c) + dc)]
+            for dr in (-1, 0, 1)
+            for dc in (-1, 0, 1)
+            if (dr or dc) and (int(r) + dr, int(c) + dc) in where
+        ]
+        if idx:
+            nb[i], has[i] = z[idx].mean(0), True
+    out = np.zeros_like(nb)
+    for k in CONTEXT_FEATURES:
+        x, y = z[has, k], nb[has, k]
+        if has.sum() < 3 or x.std() < 1e-9:
+            continue
+        slope = np.cov(x, y, bias=True)[0, 1] / x.var()
+        res = y - y.mean() - slope * (x - x.mean())
+        out[has, k] = res / max(res.std(), 1e-9)
+    return out
+
+
+def _region_map(p: SyntheticParams, index: int, side: int) -> np.ndarray:
+    """(side, side) in [0, 1]: a soft step across a random straight boundary through the middle
+    part of the slide (own random stream: the default variant's draws are untouched)."""
+    rng = np.random.default_rng([p.seed, 3, index])
+    ang = rng.uniform(0.0, 2 * np.pi)
+    off = rng.uniform(-0.15, 0.15) * side
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) - side / 2.0
+    dist = xx * np.cos(ang) + yy * np.sin(ang) - off
+    width = 0.25 * p.spot_spacing_um / p.mpp
+    return _sigmoid(dist / width).astype(np.float32)
 
 
 def _smooth_field(
@@ -440,7 +573,12 @@ def _upsample(coarse: np.ndarray, side: int) -> np.ndarray:
 
 
 def _latent_fields(
-    rng: np.random.Generator, side: int, spacing: float, shift: np.ndarray, tissue_fraction: float
+    rng: np.random.Generator,
+    side: int,
+    spacing: float,
+    shift: np.ndarray,
+    tissue_fraction: float,
+    region_map: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Smooth tissue fields in [0, 1]: nuclei density, chromatin darkness, eosin, fibre amount,
     nucleus size, plus an unrendered 'hidden' biology field, fibre orientation and a tissue mask.
@@ -461,7 +599,13 @@ def _latent_fields(
     thr = np.quantile(t, 1.0 - tissue_fraction)
     c["tissue"] = _sigmoid((t - thr) * 12.0)
     full = n * step
-    return {k: _upsample(v, int(full))[:side, :side] for k, v in c.items()}
+    out = {k: _upsample(v, int(full))[:side, :side] for k, v in c.items()}
+    if region_map is not None:  # context variant: shift density and eosin on the region's +1 side
+        for k in ("density", "eosin"):
+            v = np.clip(out[k], 1e-6, 1.0 - 1e-6)
+            logit = np.log(v / (1.0 - v))
+            out[k] = _sigmoid(logit + REGION_SHIFT * (2.0 * region_map - 1.0)).astype(np.float32)
+    return out
 
 
 def _render_concentrations(

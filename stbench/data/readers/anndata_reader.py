@@ -5,9 +5,12 @@
 
 Each h5ad holds raw counts in X (or in the layer named by option `counts_layer`, one name for
 all slides or a {slide: layer} dict) and full-resolution pixel centres (x, y) of its image in
-obsm["spatial"] (key set by option `spatial_key`). Counts must be whole numbers unless option `allow_non_integer=True`: a normalised matrix passed by
-mistake would otherwise be normalised twice without anyone noticing. A missing patient means
-the slide is its own patient; a missing platform is "other".
+obsm["spatial"] (key set by option `spatial_key`). Counts must be whole numbers unless option
+`allow_non_integer=True` (fractional counts, e.g. ambient-corrected); values that look normalised
+or log-transformed are refused even then (stbench.data.readers.counts_check), since they would be
+normalised twice, unless the card declares `counts="normalized"`. Every field of a slide's
+slides.csv row is part of its cache key (`slide_record`). A missing patient means the slide is its
+own patient; a missing platform is "other".
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import scipy.sparse as sp
 
 from stbench.data.image import SlideImage
 from stbench.data.readers.base import SlideReader, register_reader
+from stbench.data.readers.counts_check import check_counts
 from stbench.data.readers.slides_csv import SlidesCsvMixin
 from stbench.data.slide import Slide, make_adata
 from stbench.errors import DataError
@@ -67,16 +71,14 @@ class AnnDataReader(SlidesCsvMixin, SlideReader):
         if x is None:
             raise DataError("h5ad has no X matrix", file=path, slide=slide, field="X")
         counts = sp.csr_matrix(x, dtype=np.float32)
-        if not self.options.get("allow_non_integer", False) and counts.nnz:
-            frac = np.abs(counts.data - np.round(counts.data))
-            if (frac > 1e-3).any():
-                raise DataError(
-                    "counts are not whole numbers (normalised data?); pass raw counts, "
-                    "or set allow_non_integer=True",
-                    file=path,
-                    slide=slide,
-                    field=f"layers/{layer}" if layer else "X",
-                )
+        check_counts(
+            counts,
+            file=path,
+            slide=slide,
+            field=f"layers/{layer}" if layer else "X",
+            declared=self.options.get("counts", "raw"),
+            allow_non_integer=bool(self.options.get("allow_non_integer", False)),
+        )
         key = self.options.get("spatial_key", "spatial")
         if key not in src.obsm:
             raise DataError(

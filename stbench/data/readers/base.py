@@ -38,6 +38,12 @@ class SlideReader(ABC):
         """Files a slide is read from (checksummed at prepare time). Default: none declared."""
         return []
 
+    def slide_record(self, slide_id: str) -> dict[str, str]:
+        """Values that define the slide but are no file of `slide_files` (its row of an index table,
+        its entry of a patient map). They join the slide cache key and the manifest, so editing one
+        (a corrected patient) re-reads the slide and refreshes the splits. Default: none."""
+        return {}
+
     def read_all(self, slides: list[str] | None = None) -> list[Slide]:
         return [self.read_slide(s) for s in (slides or self.list_slides())]
 

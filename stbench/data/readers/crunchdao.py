@@ -82,6 +82,11 @@ class CrunchDAOReader(SlideReader):
     def element(self, slide: str, kind: str, name: str) -> Path:
         return self.store(slide) / kind / name
 
+    def slide_record(self, slide: str) -> dict[str, str]:
+        """The slide's patients.csv entry, when there is one: part of its cache key."""
+        patient = read_patient_map(self.root).get(slide)
+        return {"patient": patient} if patient else {}
+
     def slide_files(self, slide: str) -> list[Path]:
         """The zarr metadata files of the elements read (chunks are too many to checksum)."""
         out = []

@@ -19,7 +19,9 @@ one source study, so the patient id is "<dataset_title> / <patient>" (raw value 
 meta["patient_raw"]); a sample without a patient is its own patient.
 
 Options: counts_layer=<name> (counts from a layer instead of X); ids=[...] (read only these
-samples of a full HEST-1k download).
+samples of a full HEST-1k download); allow_non_integer=True (fractional counts). Counts must be
+whole numbers, and values that look normalised or log-transformed are refused
+(stbench.data.readers.counts_check) unless the card declares `counts="normalized"`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import scipy.sparse as sp
 
 from stbench.data.image import SlideImage
 from stbench.data.readers.base import SlideReader, register_reader
+from stbench.data.readers.counts_check import check_counts
 from stbench.data.readers.visium import make_unique
 from stbench.data.slide import Slide, make_adata
 from stbench.errors import DataError
@@ -130,7 +133,16 @@ class HestReader(SlideReader):
                 src = ad.read_h5ad(path)
         except Exception as exc:
             raise DataError(f"cannot read h5ad: {exc}", file=path, slide=slide, field="h5ad") from exc
-        counts = _counts(src, self.options.get("counts_layer"), path, slide)
+        layer = self.options.get("counts_layer")
+        counts = _counts(src, layer, path, slide)
+        check_counts(
+            counts,
+            file=path,
+            slide=slide,
+            field=f"layers/{layer}" if layer else "X",
+            declared=self.options.get("counts", "raw"),
+            allow_non_integer=bool(self.options.get("allow_non_integer", False)),
+        )
         if "spatial" not in src.obsm:
             raise DataError(
                 "no spot coordinates (obsm['spatial'])", file=path, slide=slide, field="obsm/spatial"

@@ -54,6 +54,10 @@ class SlidesCsvMixin:
             )
         return df.loc[slide]
 
+    def slide_record(self, slide: str) -> dict[str, str]:
+        """Every field of the slide's slides.csv row (patient included): part of its cache key."""
+        return {str(k): str(v) for k, v in self._row(slide).items()}
+
     def _path(self, value: str) -> Path:
         p = Path(value)
         return p if p.is_absolute() else self.root / p

@@ -195,6 +195,11 @@ class VisiumReader(SlideReader):
     def patient_of(self, slide: str) -> str:
         return read_patient_map(self.root).get(slide, slide)
 
+    def slide_record(self, slide: str) -> dict[str, str]:
+        """The slide's patients.csv entry, when there is one: part of its cache key."""
+        patient = read_patient_map(self.root).get(slide)
+        return {"patient": patient} if patient else {}
+
     def slide_files(self, slide: str) -> list[Path]:
         files = [self.matrix_file(slide), self.positions_file(slide), self.scalefactors_file(slide)]
         img = self.image_file(slide)

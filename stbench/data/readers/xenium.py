@@ -255,6 +255,11 @@ class XeniumReader(SlideReader):
                 ) from exc
         return MORPHOLOGY_MPP
 
+    def slide_record(self, slide: str) -> dict[str, str]:
+        """The slide's patients.csv entry, when there is one: part of its cache key."""
+        patient = read_patient_map(self.root).get(slide)
+        return {"patient": patient} if patient else {}
+
     def slide_files(self, slide: str) -> list[Path]:
         files = [self.matrix_file(slide), self.cells_file(slide)]
         tx = first_existing(self.slide_dir(slide), ("transcripts.parquet", "transcripts.csv.gz"))

@@ -99,7 +99,7 @@ def test_two_stage_method_trains_under_ddp_and_predicts_like_one_process(
     fit = ["--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"]
     train = _run([*base, *fit, *ddp, "--output", str(root / "t")], data_root)
     job = root / "t" / "jobs" / train["job_id"]
-    assert (job / "stage1" / "stage1.pt").exists()
+    assert (job / "stage1" / "stage1.safetensors").exists()
     assert train["weights"] == "fm=none; stage1=trained in job (6 steps, power EMA 0.1)"
     ckpt = job / "checkpoints" / "best.ckpt"
     r1 = _run([*base, "--checkpoint", str(ckpt), "--output", str(root / "one")], data_root)

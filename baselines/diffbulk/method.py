@@ -36,7 +36,7 @@ from stbench.methods.base import BatchRequirements, Method
 from stbench.methods.sampling import spot_generators
 
 UNET_PRESETS = {"paper": PAPER_UNET, "tiny": TINY_UNET}
-STAGE1_FILE = Path("stage1") / "stage1.pt"
+STAGE1_FILE = Path("stage1") / "stage1.safetensors"
 
 
 def unet_config(unet: str | dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ queries.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ from baselines.diffbulk.pms import PMS
 from stbench.errors import DataError
 from stbench.utils.io import atomic_path
 
-FORMAT = "stbench-diffbulk-stage1/1"
+FORMAT = "stbench-diffbulk-stage1/2"  # safetensors, JSON metadata under META_KEY
+LEGACY_FORMAT = "stbench-diffbulk-stage1/1"  # torch.save of a dict; read only with weights_only=True
+META_KEY = "stbench"
 
 
 class ConditionedDenoiser(nn.Module):
@@ -120,17 +123,52 @@ class Stage1Module(L.LightningModule):
 
 def save_stage1(path: Path, net: Precond, unet: dict[str, Any], vocab: GeneVocabulary, info: dict) -> None:
     """The frozen stage I network (EMA) as a standalone file: reusable by reference across folds
-    and downstream datasets (`stage1_checkpoint`)."""
-    payload = {
-        "format": FORMAT,
-        "unet": dict(unet),
-        "vocab": vocab.to_list(),
-        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        "info": info,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    and downstream datasets (`stage1_checkpoint`). Safetensors with the U-Net config, vocabulary and
+    info as JSON in its header, so a shared file is read without unpickling anything; one atomic
+    rename, so a killed job never leaves a torn file."""
+    from safetensors.torch import save_file
+
+    meta = {"format": FORMAT, "unet": dict(unet), "vocab": vocab.to_list(), "info": info}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Safetensors starts with an 8-byte little-endian header length, then a JSON object."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return (
+        len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+    )
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, state_dict) of a stage I file; never runs code from it."""
+    if _is_safetensors(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        except Exception as exc:  # noqa: BLE001 - any reader failure is one clear message
+            raise DataError(f"unreadable stage I file: {type(exc).__name__}: {exc}", file=path) from None
+        return meta, state
+    try:  # the old (stbench-diffbulk-stage1/1) torch.save format, read without unpickling code
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - incl. UnpicklingError for a file that would run code
+        raise DataError(
+            "not a DiffBulk stage I file: neither safetensors nor a plain tensor pickle "
+            f"(refused by torch.load(weights_only=True): {type(exc).__name__}); re-create it with this "
+            "stbench version",
+            file=path,
+            field="format",
+        ) from None
+    if not isinstance(payload, dict):
+        return {}, {}
+    state = payload.get("state_dict")
+    return {k: v for k, v in payload.items() if k != "state_dict"}, state if isinstance(state, dict) else {}
 
 
 def load_stage1(path: str | Path) -> tuple[Precond, dict[str, Any], dict[str, Any]]:
@@ -138,20 +176,24 @@ def load_stage1(path: str | Path) -> tuple[Precond, dict[str, Any], dict[str, An
     path = Path(path)
     if not path.is_file():
         raise DataError("stage I checkpoint not found", file=path, field="stage1_checkpoint")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    meta, state = _read(path)
+    if meta.get("format") not in (FORMAT, LEGACY_FORMAT):
         raise DataError(
-            f"not a DiffBulk stage I file (format {payload.get('format') if isinstance(payload, dict) else '?'}"
-            f", expected {FORMAT})",
+            f"not a DiffBulk stage I file (format {meta.get('format', '?')}, expected {FORMAT})",
             file=path,
             field="format",
         )
-    net = Precond(**payload["unet"])
-    missing, unexpected = net.load_state_dict(payload["state_dict"], strict=False)
+    try:
+        net = Precond(**meta["unet"])
+    except Exception as exc:  # noqa: BLE001 - a bad recorded config is the file's fault
+        raise DataError(
+            f"stage I file records an unusable U-Net config: {exc}", file=path, field="unet"
+        ) from None
+    missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise DataError(
             f"stage I weights do not fit the recorded U-Net: missing {missing[:5]}, unexpected {unexpected[:5]}",
             file=path,
             field="state_dict",
         )
-    return net, payload["unet"], payload.get("info", {})
+    return net, meta["unet"], meta.get("info", {})

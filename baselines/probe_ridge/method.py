@@ -3,7 +3,9 @@
 Protocol (verified in mahmoodlab/HEST, src/hest/bench/benchmark.py and trainer.py; see README.md):
 StandardScaler then PCA to 256 components, both fitted on the training spots' features only; Ridge
 with alpha = 100 / (D * G) where D = 256 (the dimension after PCA) and G = number of genes, no
-intercept; targets log1p of raw counts. Solved here in closed form (float64), no training loop.
+intercept; targets log1p of raw counts. No training loop. By default the fit uses HEST's numerics
+(sklearn PCA svd_solver='auto' with random_state = seed, HEST's default seed 1; float32 PCA output
+into Ridge(solver='lsqr')); `pca_solver: exact` + `solver: closed-form` is the exact float64 minimiser.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ class ProbeRidge(Method):
         alpha: float | None = None,
         standardize: bool = True,
         fit_intercept: bool = False,
-        solver: str = "closed-form",
-        seed: int = 0,
+        solver: str = "lsqr",
+        seed: int = 1,
+        pca_solver: str = "auto",
     ) -> None:
         super().__init__(n_genes, genes)
         self.save_hyperparameters()
@@ -46,7 +49,7 @@ class ProbeRidge(Method):
         self.feature_key = feature_key(encoder)
         self.pca_dim, self.alpha = pca_dim, alpha
         self.standardize, self.fit_intercept = standardize, fit_intercept
-        self.solver, self.seed = solver, seed
+        self.solver, self.seed, self.pca_solver = solver, seed, pca_solver
         self.model = RidgeProbe()
         self.fit_info: dict[str, Any] = {}
         self._weights_id: str | None = None
@@ -55,7 +58,15 @@ class ProbeRidge(Method):
         """Collect training spots' features and targets (validation spots excluded), solve."""
         x, y = training_arrays(datamodule, self.feature_key)
         self.fit_info = self.model.fit(
-            x, y, self.pca_dim, self.alpha, self.standardize, self.fit_intercept, self.solver, self.seed
+            x,
+            y,
+            self.pca_dim,
+            self.alpha,
+            self.standardize,
+            self.fit_intercept,
+            self.solver,
+            self.seed,
+            self.pca_solver,
         )
         self._weights_id = provider_weights_id(datamodule, self.feature_key)
 

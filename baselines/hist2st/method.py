@@ -88,6 +88,7 @@ class Hist2ST(Method):
         weight_decay: float = 0.0,
         lr_step: int = 50,
         lr_gamma: float = 0.9,
+        graph: bool = True,
     ) -> None:
         super().__init__(n_genes, genes, lr=lr, weight_decay=weight_decay)
         if size_factor not in SIZE_FACTORS:
@@ -102,6 +103,11 @@ class Hist2ST(Method):
         self.pixel_scale = float(pixel_scale)
         self.mean_init = mean_init
         self.lr_step, self.lr_gamma = lr_step, lr_gamma
+        # graph=False (ablations/no_graph): the GNN sees no edges, so with self loops each layer
+        # transforms the spot's own token only (the ablation of the graph, same parameters).
+        if not graph and not self_loops:
+            raise ValueError("hist2st: graph=False needs self_loops=True (a node with no edges gets zeros)")
+        self.use_graph = bool(graph)
 
     def on_fit_start(self) -> None:
         if self.mean_init:  # stbench convention (off in the paper config): start as the mean predictor
@@ -117,6 +123,8 @@ class Hist2ST(Method):
         edges = batch.get("edge_index")
         if edges is None:
             raise ValueError("Hist2ST needs the spot graph (batch['edge_index']); declare requires.graph")
+        if not self.use_graph:
+            edges = edges[:, :0]
         return self.net(images * self.pixel_scale, slide_positions(batch), edges, slide_mask(batch))
 
     def predict_expression(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -58,6 +58,7 @@ class MERGE(Method):
         warmup_steps: int = 10,
         warmup_every: int = 40,
         feature_norm: str = "none",
+        graph: bool = True,
     ) -> None:
         super().__init__(n_genes, genes, lr=lr, weight_decay=weight_decay)
         self.save_hyperparameters()
@@ -72,6 +73,9 @@ class MERGE(Method):
         if feature_norm not in FEATURE_NORMS:
             raise ValueError(f"merge: feature_norm must be one of {FEATURE_NORMS}, got {feature_norm!r}")
         self.feature_norm = feature_norm
+        # graph=False (ablations/no_edges): no spatial or cluster edges; the GAT keeps only each
+        # node's self loop, i.e. a per-spot network with the same parameters.
+        self.use_graph = bool(graph)
         self._weights_id: str | None = None
 
     def setup(self, stage: str) -> None:
@@ -99,6 +103,8 @@ class MERGE(Method):
         edges = batch.get("edge_index", torch.zeros(2, 0, dtype=torch.long, device=rows.device))
         edges = local[edges.long()]
         edges = edges[:, (edges >= 0).all(0)]
+        if not self.use_graph:
+            return rows, x, edges[:, :0]
         if self.hierarchical and len(rows) > 1:
             extra = self._cluster_edges(batch, rows, raw)  # MERGE clusters the raw features.to(edges.device)
             edges = symmetric_unique(torch.cat([edges, extra], dim=1))

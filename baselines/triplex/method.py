@@ -77,6 +77,7 @@ class TRIPLEX(Method):
         lr_gamma: float = 0.9,
         train_spots_per_step: int = 128,
         predict_chunk: int = 512,
+        context: bool = True,
     ) -> None:
         super().__init__(n_genes, genes, lr=lr, weight_decay=weight_decay)
         self.save_hyperparameters()
@@ -103,6 +104,7 @@ class TRIPLEX(Method):
             kernel_size=kernel_size,
             grid=GRID,
             target_stages=target_stages,
+            context=context,
         )
         self.alpha = alpha
         self.lr_step_size, self.lr_gamma = lr_step_size, lr_gamma

@@ -11,7 +11,9 @@ Three views of a spot, one head per view plus a fused head:
 - fusion:    the spot's global token is the query of one cross-attention stack, applied once to
              the target tokens and once to the neighbour tokens (same weights); sum, LayerNorm.
 Outputs: fused head on the fusion token, target head on the mean target token, neighbour head
-on the mean neighbour token, global head on the global token.
+on the mean neighbour token, global head on the global token. `context=False` (the spot-only
+ablation, configs/ablations/spot_only.yaml) keeps the target branch alone: fused and target heads
+both read its mean token.
 """
 
 from __future__ import annotations
@@ -154,9 +156,10 @@ class TRIPLEXNet(nn.Module):
         kernel_size: int = 3,
         grid: int = 5,
         target_stages: int = 4,
+        context: bool = True,
     ) -> None:
         super().__init__()
-        self.grid = grid
+        self.grid, self.context, self.emb_dim = grid, context, emb_dim
         mlp = [int(emb_dim * r) for r in mlp_ratio]
         self.target = TargetEncoder(target_encoder, emb_dim, target_stages)
         self.neighbour = NeighbourEncoder(feature_dim, emb_dim, depth[2], heads[2], mlp[2], dropout[2], grid)
@@ -173,6 +176,8 @@ class TRIPLEXNet(nn.Module):
         return [self.fc, self.fc_target, self.fc_neighbour, self.fc_global]
 
     def encode_global(self, feats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if not self.context:  # spot-only ablation: no global branch to run
+            return feats.new_zeros(len(feats), self.emb_dim)
         return self.global_(feats, pos)
 
     def forward(
@@ -185,6 +190,8 @@ class TRIPLEXNet(nn.Module):
         """images (B, 3, H, W); tiles (B, G*G, D) frozen tile features; glob (B, emb) the spots' rows
         of `encode_global`; tile_mask (B, G*G) valid tiles or None -> {"fused", *BRANCHES}: (B, G)."""
         t = self.target(images)
+        if not self.context:  # spot-only ablation: the target tokens alone feed the fused head
+            return {"fused": self.fc(t.mean(1)), "target": self.fc_target(t.mean(1))}
         n = self.neighbour(tiles, tile_mask)
         fused = self.fusion(t, n, glob, tile_mask)
         return {
@@ -201,6 +208,6 @@ def triplex_loss(out: dict[str, torch.Tensor], y: torch.Tensor, alpha: float = 0
     As in the reference training step, the distillation term is not detached: it pulls the fused
     and the branch outputs towards each other."""
     loss = F.mse_loss(out["fused"], y)
-    for b in BRANCHES:
+    for b in (b for b in BRANCHES if b in out):  # the spot-only ablation has the target branch only
         loss = loss + (1.0 - alpha) * F.mse_loss(out[b], y) + alpha * F.mse_loss(out["fused"], out[b])
     return loss

@@ -66,6 +66,10 @@ class Job:
         return d
 
 
+# Looked up in this order when no --config is given.
+DEFAULT_CONFIGS = ("default", "paper")
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -82,9 +86,14 @@ def config_dir(method_cls: type) -> Path:
 
 
 def load_config(method_cls: type, config: str | None) -> tuple[str, dict[str, Any]]:
-    """(name, config dict) from a config name in the method's configs/ folder or a YAML path."""
+    """(name, config dict) from a config name in the method's configs/ folder or a YAML path.
+
+    No config means the method's own defaults, never an empty config: `configs/default.yaml`, else
+    `configs/paper.yaml` (the paper's settings), else empty sections; the name says which ran."""
     if config is None:
-        return "default", {s: {} for s in SECTIONS}
+        config = next((c for c in DEFAULT_CONFIGS if (config_dir(method_cls) / f"{c}.yaml").exists()), None)
+        if config is None:
+            return "default", {s: {} for s in SECTIONS}
     path = Path(config)
     if not path.suffix:
         path = config_dir(method_cls) / f"{config}.yaml"

@@ -26,7 +26,7 @@ from stbench.benchmark.job import Job, deep_merge, load_config
 from stbench.benchmark.store import append_row, claim, finished_job_ids
 from stbench.benchmark.writer import SpotPredictionWriter, clear_parts, gather_predictions
 from stbench.data.dataset import Dataset
-from stbench.data.protocols import Protocol, get_protocol
+from stbench.data.protocols import Protocol, get_protocol, target_for_counts, target_label
 from stbench.data.splits import Fold
 from stbench.errors import DataError, StbenchError
 from stbench.methods.base import Method
@@ -38,6 +38,12 @@ CONVENTIONS = {
     "in truth or prediction excluded and counted (pcc_excluded); then mean ± sd over slides and seeds",
     "pcc{k}": "same, over the k genes of highest training-set variance fixed before testing",
     "pcc{k}_posthoc": "mean of the k best per-gene PCCs on the test slide (Stem's post-hoc convention)",
+    "pcc_partial": "per gene, Pearson of the OLS residuals of truth and prediction on [1, log(max(total, 1))] "
+    "over one test slide's spots (total = the spot's counts over all genes of the slide); mean over genes "
+    "with pcc's exclusion rules; then mean ± sd over slides and seeds",
+    "pcc_pooled": "HEST-Bench's score: per gene, Pearson over the spots of all test slides of the fold stacked, "
+    "np.mean over all genes (null when any gene is constant over the pooled spots, as HEST's np.mean of a "
+    "NaN pearsonr); then mean ± sd over folds",
     "mse/mae": "over all spots x genes of the panel, in the protocol's target space",
 }
 IMAGE_CONVENTIONS = {
@@ -209,6 +215,8 @@ def run_job(
         )
         feature_fns = {**(feature_fns or {}), **(latent_fns or {})} or None
         hidden = tuple(LATENT_REQUESTS)
+    if ds.card.counts != "raw":  # values declared normalised: the protocol's transform is skipped
+        data_cfg["target"] = target_for_counts(data_cfg.get("target", proto.target), ds.card.counts)
     slides = [*fold.train, *fold.val, *fold.test]
     dm = STDataModule(
         lambda: ds.load_slides(slides),
@@ -220,6 +228,7 @@ def run_job(
         whole_slide=reqs.whole_slide,
         neighbours=reqs.neighbours,
         include_counts=reqs.counts,
+        include_totals=reqs.totals,
         graph=reqs.graph,
         features=feature_fns,
         vocabulary=method_cls.gene_vocabulary(job.config.get("method", {})),
@@ -277,6 +286,7 @@ def run_job(
         "schema": 1,
         "job_id": job.job_id,
         "task": method_cls.task,
+        "kind": method_cls.kind,
         "suite": job.suite,
         "method": job.method,
         "config_name": job.config_name,
@@ -289,7 +299,7 @@ def run_job(
         "gene_set": _describe_panel(dm),
         "gene_panel_hash": dm.panel.hash,
         "n_genes": dm.n_genes,
-        "target": dm.transform.method if dm.transform is not None else None,
+        "target": target_label(dm.transform.method, ds.card.counts) if dm.transform is not None else None,
         "pcc_k_genes": {str(k): list(dm.panel.top_k(k)) for k in ks},
         "weights": method.weights_id(),
         "checkpoint": {
@@ -408,7 +418,13 @@ def _loggers(names: Sequence[str], jobdir: Path, job: Job) -> list[Any] | bool:
 def _load_weights(method: Method, checkpoint: str) -> None:
     import torch
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:  # weights_only: a pickle that would run code is refused, and so is any unreadable file
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - one clear message, not a traceback
+        raise StbenchError(
+            f"cannot read checkpoint {checkpoint} as plain tensors (torch.load(weights_only=True): "
+            f"{type(exc).__name__}); pickles that would run code are refused"
+        ) from None
     sd = state.get("state_dict", state)
     missing, unexpected = method.load_state_dict(sd, strict=False)
     if missing or unexpected:

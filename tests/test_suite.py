@@ -149,8 +149,14 @@ def test_committed_suites_parse() -> None:
         suite = load_suite(REPO / "benchmarks" / "suites" / f"{name}.yaml")
         assert suite.name == name
         assert {"mean", "patch-cnn"} <= {m for e in suite.grid for m in e.methods}
-        assert suite.grid[0].config_for("patch-cnn") == "tiny"
+        entry = next(e for e in suite.grid if "patch-cnn" in e.methods)
+        assert entry.config_for("patch-cnn") == "tiny"
     ci = load_suite(REPO / "benchmarks" / "suites" / "ci.yaml")
+    # One fold set for every expression method, references included (comparable sections).
+    image_methods = {"stmdit", "pixcell"}
+    expression = [e for e in ci.grid if not set(e.methods) & image_methods]
+    assert {"mean", "depth"} <= {m for e in expression for m in e.methods}
+    assert len({e.folds for e in expression}) == 1 and isinstance(expression[0].folds, tuple)
     assert ci.fallback == {"dataset": "synthetic"}
     assert ci.sources["her2st"] == (REPO.parent / "shared" / "data" / "her2st").resolve()
     assert set(ci.tolerance) >= {"pcc", "mse"}

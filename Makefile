@@ -54,6 +54,7 @@ leaderboard: install
 lint: install
 	$(VENV)/bin/ruff check stbench baselines tests benchmarks
 	$(VENV)/bin/ruff format --check stbench baselines tests benchmarks
+	$(VENV)/bin/lint-imports  # import contracts in pyproject.toml [tool.importlinter]
 
 format: install
 	$(VENV)/bin/ruff check --fix stbench baselines tests benchmarks

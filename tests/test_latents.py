@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from baselines.stmdit.vae import LatentVAE, build_vae, tiny_vae_config
 from stbench.data.datamodule import STDataModule
 from stbench.data.features import provider_weights_id
 from stbench.data.latents import (
@@ -24,6 +23,7 @@ from stbench.data.patches import PatchSpec, PatchStore
 from stbench.data.readers.synthetic import SyntheticReader
 from stbench.data.splits import Fold
 from stbench.data.synthetic import generate_synthetic
+from stbench.encoders.vae import LatentVAE, build_vae, tiny_vae_config
 from stbench.errors import DataError
 from stbench.methods.base import BatchRequirements
 

@@ -10,11 +10,11 @@ import anndata as ad
 import numpy as np
 import pytest
 
+from stbench.benchmark.pseudolabels import collect_pseudolabels
 from stbench.data.pseudolabels import (
     KIND,
     UNS_KEY,
     PseudoLabels,
-    collect_pseudolabels,
     spot_key,
     write_pseudolabels,
 )

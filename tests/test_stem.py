@@ -19,11 +19,11 @@ import yaml
 from method_harness import run_method
 from scipy import integrate, stats
 
-from baselines.stem.diffusion import GaussianDiffusion, linear_betas, randn, spaced_steps
-from baselines.stem.ema import EMA
 from baselines.stem.method import Stem
 from baselines.stem.model import StemDiT, parameter_count
 from stbench.methods.registry import register_method
+from stbench.methods.toolkit.diffusion import GaussianDiffusion, linear_betas, randn, spaced_steps
+from stbench.methods.toolkit.ema import EMA
 
 CONFIGS = Path(__file__).resolve().parents[1] / "baselines" / "stem" / "configs"
 PAPER_GENES = 200  # HINGE's PCC-200 panel size; the count grows by hidden (384) per gene

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from baselines.stmdit.vae import (
+from stbench.encoders.vae import (
     SD3_REPO,
     SD3_SCALING_FACTOR,
     SD3_SHIFT_FACTOR,

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from baselines.deepspot.model import CONTEXTS, DeepSpotNet
-from baselines.probe_ridge.method import training_arrays
 from stbench.data.features import feature_key, provider_weights_id
 from stbench.methods.base import BatchRequirements, Method
+from stbench.methods.toolkit.arrays import training_arrays
 
 SUB = 3  # 3 x 3 = 9 non-overlapping sub-spots ("n_mini_tiles = 9" in the authors' notebooks)
 GRID = 3  # 3 x 3 spot-sized tiles: the 8 around the spot = neighbour radius 1 on a tile grid

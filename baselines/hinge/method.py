@@ -30,10 +30,10 @@ from baselines.hinge.masking import (
     visible_mask,
 )
 from baselines.hinge.model import LORA_TARGETS, HingeNet
-from baselines.probe_ridge.method import training_arrays
 from stbench.data.features import encoder_dim, feature_key, provider_weights_id
 from stbench.methods.base import BatchRequirements, Method
 from stbench.methods.sampling import spot_generators
+from stbench.methods.toolkit.arrays import training_arrays
 
 OBJECTIVES = ("masked", "gaussian")
 TARGET_NORMS = ("none", "standard")

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from baselines.hist2st.augment import slide_view
 from baselines.hist2st.model import Hist2STNet
 from baselines.hist2st.zinb import zinb_nll
-from baselines.histogene.method import log_masked_validation, slide_mask, slide_positions
 from stbench.methods.base import BatchRequirements, Method
+from stbench.methods.toolkit.whole_slide import log_masked_validation, slide_mask, slide_positions
 
 SIZE_FACTORS = ("panel", "library")
 

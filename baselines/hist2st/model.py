@@ -14,7 +14,7 @@ from torch import nn
 
 from baselines.hist2st.graph import GraphModule
 from baselines.hist2st.zinb import DispAct, MeanAct
-from baselines.histogene.model import TransformerBlock
+from stbench.methods.toolkit.transformer import TransformerBlock
 
 BN_STATS = ("running", "slide")
 

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from baselines.probe_mlp.model import MLPHead
-from baselines.probe_ridge.method import training_arrays
 from stbench.data.features import feature_key, provider_weights_id
 from stbench.methods.base import BatchRequirements, Method
+from stbench.methods.toolkit.arrays import training_arrays
 
 
 class ProbeMLP(Method):

@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from baselines.probe_ridge.model import RidgeProbe
 from stbench.data.features import feature_key, provider_weights_id
 from stbench.methods.base import BatchRequirements, Method
+from stbench.methods.toolkit.arrays import training_arrays
 
 
 class ProbeRidge(Method):
@@ -75,14 +75,3 @@ class ProbeRidge(Method):
 
     def weights_id(self) -> str:
         return self._weights_id or str(self.weights)
-
-
-def training_arrays(datamodule: Any, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(features, targets) of every training spot, float64, in global-index order."""
-    xs, ys, idx = [], [], []
-    for b in datamodule.train_dataloader():
-        xs.append(b["features"][key].double().numpy())
-        ys.append(b["expression"].double().numpy())
-        idx.append(b["index"].numpy())
-    order = np.argsort(np.concatenate(idx), kind="stable")
-    return np.concatenate(xs)[order], np.concatenate(ys)[order]

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines.stem.diffusion import DECODER_NLL, GaussianDiffusion, randn
-from baselines.stem.ema import EMA
 from baselines.stem.model import StemDiT
 from stbench.data.features import encoder_dim, feature_key, provider_weights_id
 from stbench.errors import UnknownNameError
 from stbench.methods.base import BatchRequirements, Method
 from stbench.methods.sampling import spot_generators
+from stbench.methods.toolkit.diffusion import DECODER_NLL, GaussianDiffusion, randn
+from stbench.methods.toolkit.ema import EMA
 
 NORMALIZE = ("none", "standard")
 SAMPLERS = ("ancestral", "ddim")

@@ -28,7 +28,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from baselines.stem.ema import EMA
 from baselines.stmdit.dit import STMDiT, build_dit
 from baselines.stmdit.ge_conditioning import GEConfig
 from baselines.stmdit.ge_encoder import (
@@ -46,6 +45,7 @@ from stbench.data.latents import LATENT_KEY, LATENT_STD_KEY, unflatten_latents
 from stbench.errors import DataError
 from stbench.methods.base import BatchRequirements, Method
 from stbench.methods.sampling import spot_generators
+from stbench.methods.toolkit.ema import EMA
 
 SAMPLE_STREAM = "stmdit:sample"
 LATENT_SAMPLES = ("posterior", "mean")
@@ -74,7 +74,7 @@ def _is_random(weights_id: str | None) -> bool:
 
 def vae_geometry(source: str) -> tuple[int, int]:
     """(latent channels, downsampling) of a `vae` source without loading it."""
-    from baselines.stmdit.pixel_vae import parse_pixels
+    from stbench.encoders.pixel_vae import parse_pixels
 
     f = parse_pixels(source)
     return (3 * f * f, f) if f else SD3_GEOMETRY
@@ -366,7 +366,7 @@ class STMDiTMethod(Method):
     # ---- generation --------------------------------------------------------------------------------
     def vae(self) -> Any:
         if self.__dict__["_vae"] is None:
-            from baselines.stmdit.vae import load_vae
+            from stbench.encoders.vae import load_vae
 
             self.__dict__["_vae"] = load_vae(self.vae_source).eval()
         return self.__dict__["_vae"].to(self.device)

@@ -2,8 +2,8 @@
 
 - `ddpm`: linear betas over T = 1,000 steps, eps prediction with a learned variance (the DiT's 32
   output channels = 16 eps + 16 variance interpolation), improved-DDPM hybrid loss; DDIM sampler
-  (50 steps). The Gaussian process itself is Stem's (`baselines/stem/diffusion.py`), which works on
-  flat rows: latents (B, C, H, W) are viewed as (B, C*H*W) and the network output as (B, 2, C*H*W).
+  (50 steps). The Gaussian process itself is Stem's (`stbench/methods/toolkit/diffusion.py`), which
+  works on flat rows: latents (B, C, H, W) are viewed as (B, C*H*W) and the network output as (B, 2, C*H*W).
 - `flow`: rectified-flow matching, x_t = (1 - t) x0 + t noise, the network predicts the velocity
   noise - x0 (its first 16 channels; the variance channels are unused); Euler sampler over 50 steps
   from t = 1 to 0. The network is told t * 1,000 so both objectives share the timestep embedding.
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from baselines.stem.diffusion import GaussianDiffusion, randn
+from stbench.methods.toolkit.diffusion import GaussianDiffusion, randn
 
 OBJECTIVES = ("ddpm", "flow")
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,C,H,W), t (B,)) -> (B, 2C, H, W)

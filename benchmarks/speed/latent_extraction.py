@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from baselines.stmdit.vae import SD3_VAE_CONFIG, LatentVAE, build_vae, load_vae
 from stbench.data.latents import LatentStore
 from stbench.data.patches import PatchSpec, PatchStore, SlidePatches
 from stbench.data.readers.synthetic import SyntheticReader
 from stbench.data.synthetic import generate_synthetic
+from stbench.encoders.vae import SD3_VAE_CONFIG, LatentVAE, build_vae, load_vae
 
 BATCHES = (1, 8, 32)
 PX = 256

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from baselines.stem.diffusion import GaussianDiffusion
 from baselines.stem.model import StemDiT
+from stbench.methods.toolkit.diffusion import GaussianDiffusion
 
 SIZES = {  # the configs' network sizes (baselines/stem/configs/{tiny,paper}.yaml)
     "tiny": {"hidden": 64, "depth": 1, "heads": 4, "mlp_ratio": 2.0},

@@ -48,7 +48,7 @@ from baselines.stmdit.dit import STMDiT, build_dit
 from baselines.stmdit.ge_conditioning import GEConfig
 from baselines.stmdit.guidance import guided_prediction
 from baselines.stmdit.objectives import LatentObjective
-from baselines.stmdit.vae import SD3_VAE_CONFIG, LatentVAE, build_vae, load_vae
+from stbench.encoders.vae import SD3_VAE_CONFIG, LatentVAE, build_vae, load_vae
 from stbench.methods.sampling import spot_generators
 
 S_UNI, S_GE = 4.0, 3.0  # the paper's headline guidance scales

@@ -329,7 +329,7 @@ def latents_for(
 ) -> dict[str, Callable[[Slide], np.ndarray]] | None:
     """The latent FeatureFns `method_cls` asks for (`"latents"` / `"latents_std"` in
     `requires.features`), keyed by those names; None when it asks for none. The VAE comes from the
-    method's `vae` hyper-parameter through `build(source)` (default: baselines.stmdit.vae.load_vae),
+    method's `vae` hyper-parameter through `build(source)` (default: stbench.encoders.vae.load_vae),
     built once and shared by both keys; tiles are `latent_px` px cut with the job's patch spec."""
     wanted = [str(w).strip() for w in getattr(getattr(method_cls, "requires", None), "features", ()) or ()]
     wanted = [w for w in wanted if w in LATENT_REQUESTS]
@@ -342,7 +342,7 @@ def latents_for(
     base = {**dict(getattr(method_cls.requires, "patch", {}) or {}), **dict(patch_config or {})}
     spec = PatchSpec(**{**base, "out_px": px})
     if build is None:
-        from baselines.stmdit.vae import load_vae
+        from stbench.encoders.vae import load_vae
 
         build = load_vae
     shared: list[Any] = []

@@ -102,37 +102,24 @@ def _h5_safe(obj: Any) -> Any:
     return obj
 
 
-# ---- collecting from a run folder --------------------------------------------------------------
-def collect_pseudolabels(
+# ---- stacking a run folder's predictions ---------------------------------------------------------
+def stack_pseudolabels(
+    rows: list[dict[str, Any]],
     output_dir: str | Path,
+    results: str | Path,
     method: str,
     dataset: str,
     protocol: str | None = None,
     seed: int | None = None,
     out: str | Path | None = None,
 ) -> Path:
-    """Stack the test-slide predictions of every finished job of `method` on `dataset` (optionally one
-    protocol / seed) in the run folder `output_dir` into one pseudo-label file; return its path.
-    Default `out`: <output_dir>/pseudolabels/<method>__<dataset>.h5ad."""
-    from stbench.benchmark.results import RESULTS_FILE, read_rows
-
-    output_dir = Path(output_dir)
-    results = output_dir / RESULTS_FILE
-    if not results.is_file():
-        raise DataError("no finished jobs: results.jsonl not found", file=results, field="results")
-    rows = [
-        r
-        for r in read_rows([results])
-        if r["method"] == method
-        and r["dataset"] == dataset
-        and (protocol is None or r["protocol"] == protocol)
-        and (seed is None or int(r["seed"]) == int(seed))
-    ]
-    if not rows:
-        wanted = f"method {method!r}, dataset {dataset!r}" + (f", protocol {protocol!r}" if protocol else "")
-        wanted += f", seed {seed}" if seed is not None else ""
-        raise DataError(f"no finished job matches ({wanted})", file=results, field="method")
-    rows.sort(key=lambda r: (r["protocol"], str(r["fold"]), int(r["seed"]), r["job_id"]))
+    """Stack the test-slide predictions of the finished jobs `rows` (result rows read from `results`
+    in the run folder `output_dir`) into one pseudo-label file; return its path. Reading and
+    selecting the rows is the benchmark's job (stbench.benchmark.pseudolabels.collect_pseudolabels):
+    stbench.data never imports stbench.benchmark. Default `out`:
+    <output_dir>/pseudolabels/<method>__<dataset>.h5ad."""
+    output_dir, results = Path(output_dir), Path(results)
+    rows = sorted(rows, key=lambda r: (r["protocol"], str(r["fold"]), int(r["seed"]), r["job_id"]))
     owner = _slide_owners(rows, results)
     _same_target(rows, results)
 

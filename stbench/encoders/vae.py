@@ -1,5 +1,9 @@
 """The SD3 VAE of STMDiT / PixCell: 256 x 256 H&E tiles <-> 16 x 32 x 32 latents (diffusers AutoencoderKL).
 
+It lives in core beside the encoder zoo, not in a baseline, because the latent store
+(stbench/data/latents.py) loads it for any method that asks for latents, and core never imports
+`baselines`.
+
 Why a wrapper: the diffusion model never sees raw VAE outputs, only `(z - shift) * scale` with SD3's
 constants, and the images enter in [-1, 1]; keeping both conventions in one place means the latent
 store, training and decoding of generated tiles can never disagree.
@@ -19,7 +23,7 @@ Sources for `load_vae`: "default" (`stabilityai/stable-diffusion-3.5-large`, sub
 "hf:org/name[/subfolder]" or "org/name[/subfolder]" (hub), a local folder in diffusers'
 `save_pretrained` layout (config.json + diffusion_pytorch_model.safetensors, or such a folder under
 `vae/`), "none" (SD3 architecture, random init), "tiny" (a seeded random tiny VAE for tests) and
-"pixels[:f]" (a lossless space-to-depth stand-in, baselines/stmdit/pixel_vae.py, for tiny runs).
+"pixels[:f]" (a lossless space-to-depth stand-in, stbench/encoders/pixel_vae.py, for tiny runs).
 Loading is strict (every tensor checked by name and shape), pickle-free, and fails fast with one
 message naming the repo or path and what to do; HF_HUB_OFFLINE / STBENCH_OFFLINE are respected.
 """
@@ -285,7 +289,7 @@ def load_vae(
     if src == "tiny":
         return build_vae(tiny_vae_config(), name="tiny-vae", **factors)
     if src.startswith("pixels"):  # lossless space-to-depth stand-in for tests and CI (pixel_vae.py)
-        from baselines.stmdit.pixel_vae import PixelLatentVAE, parse_pixels
+        from stbench.encoders.pixel_vae import PixelLatentVAE, parse_pixels
 
         return PixelLatentVAE(parse_pixels(src) or 4)
     path = Path(src).expanduser()

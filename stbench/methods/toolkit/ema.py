@@ -5,7 +5,7 @@ the average forgets the random initialisation within the first few dozen steps.
 
 The average is a frozen deep copy registered as a submodule, so it is saved in (and restored from)
 every checkpoint with the live weights, and DDP ranks (which hold identical weights after each
-step) keep identical averages.
+step) keep identical averages. Shared by Stem and STMDiT, hence in the toolkit.
 """
 
 from __future__ import annotations

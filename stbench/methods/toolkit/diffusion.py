@@ -22,6 +22,8 @@ Facts (Stem's code, SichenZhu/Stem `Stem/diffusion`, itself derived from improve
 Every sampler draws its noise from the given torch.Generator, or from one generator per block of
 rows (a sequence of generators): then each spot's samples depend only on its own generator, so a
 spot's prediction is the same whatever batch or rank it lands in.
+
+Shared by Stem (expression vectors) and STMDiT (VAE latents), hence in the toolkit.
 """
 
 from __future__ import annotations

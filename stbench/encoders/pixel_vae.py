@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.stmdit.vae import LatentVAE
+from stbench.encoders.vae import LatentVAE
 
 
 class _Posterior:

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 
@@ -61,6 +60,8 @@ def evaluate_fold(
             slide.adata[spot_ids].obsm["spatial"],
             dm.genes,
             job,
+            slide=slide,
+            transform=dm.transform,
         )
     frame = pd.DataFrame.from_dict(per_slide, orient="index")
     frame.index.name = "slide"
@@ -112,22 +113,34 @@ def _save_predictions(
     spatial: np.ndarray,
     genes: Sequence[str],
     job: Any,
+    slide: Any | None = None,
+    transform: Any | None = None,
 ) -> None:
+    """One test slide's predictions as an .h5ad that scanpy/squidpy plot directly: X and
+    layers["truth"] as scored, obsm["spatial"], uns["spatial"][slide] (low-res H&E + scalefactors,
+    when `slide` is given) and provenance in uns["stbench"]."""
+    from stbench.benchmark.spatial_h5ad import (
+        prediction_adata,
+        slide_spatial,
+        transform_provenance,
+        weights_of,
+    )
+
     keep = [c for c in ("slide", "patient", "label", "array_x", "array_y") if c in obs.columns]
-    a = ad.AnnData(X=pred, obs=obs[keep].copy(), var=pd.DataFrame(index=pd.Index(list(genes), name="gene")))
-    a.layers["truth"] = truth
-    a.obsm["spatial"] = np.asarray(spatial, dtype=np.float64)
-    a.uns["stbench"] = {
+    provenance = {
         "job_id": job.job_id,
         "method": job.method,
         "dataset": job.dataset,
         "protocol": job.protocol,
         "fold": job.fold,
         "seed": job.seed,
+        "config_name": job.config_name,
+        "config_hash": job.config_hash,
+        "weights": weights_of(dict(job.config.get("method", {}))),
         "space": "protocol target space (X = prediction, layers['truth'] = truth)",
+        **transform_provenance(transform),
     }
-    for col in a.obs.columns:
-        if a.obs[col].dtype == object:
-            a.obs[col] = a.obs[col].astype(str)
+    uns_spatial = slide_spatial(slide, {"dataset": job.dataset}) if slide is not None else None
+    a = prediction_adata(pred, obs[keep].copy(), spatial, list(genes), provenance, uns_spatial, truth=truth)
     with atomic_path(path) as tmp:
         a.write_h5ad(tmp)

@@ -1,7 +1,10 @@
 """The `stbench` command line.
 
 Errors that stbench raises on purpose (bad data, unknown names, leakage) print one clear message
-and exit with status 2; anything else is a bug and keeps its traceback.
+and exit with status 2; anything else is a bug and keeps its traceback. Argument errors (unknown or
+misspelled `--method.X` / `--data.X` / `--trainer.X` keys, values of the wrong type) are found here,
+from the constructors' signatures read as source (stbench.config_schema), before torch, lightning or
+any data is touched, so they return in well under a second.
 """
 
 from __future__ import annotations
@@ -12,11 +15,25 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 
-from stbench.errors import StbenchError
+from stbench.errors import StbenchError, UnknownNameError
+
+
+def _flag(p: ArgumentParser, name: str, help: str | None = None) -> None:
+    """A boolean option that works bare (`--check`) and with a value (`--check false`); a dashed
+    name also answers to its underscore spelling (`--dry-run` / `--dry_run`)."""
+    alias = "--" + name[2:].replace("-", "_")
+    names = [name] + ([alias] if alias != name else [])
+    p.add_argument(*names, type=bool, nargs="?", const=True, default=False, help=help)
 
 
 def _parser() -> ArgumentParser:
-    p = ArgumentParser(prog="stbench", description="Benchmark of histology-to-spatial-expression methods.")
+    # exit_on_error=False reaches every subcommand (jsonargparse copies it when one is added): main()
+    # turns argument errors into one line.
+    p = ArgumentParser(
+        prog="stbench",
+        description="Benchmark of histology-to-spatial-expression methods.",
+        exit_on_error=False,
+    )
     sub = p.add_subcommands(dest="command", required=True)
 
     ls = ArgumentParser(description="List registered things.")
@@ -46,7 +63,7 @@ def _parser() -> ArgumentParser:
                 default=None,
                 help="local copy in the public layout (offline install); linked, not copied",
             )
-            sp.add_argument("--copy", type=bool, default=False, help="copy --source instead of linking it")
+            _flag(sp, "--copy", "copy --source instead of linking it")
         dsub.add_subcommand(name, sp, help=helptext)
 
     sp = ArgumentParser(description="Print every fold's train / validation / test slides.")
@@ -59,16 +76,29 @@ def _parser() -> ArgumentParser:
         description="Train and test a method on every fold (and seed) of a protocol; print the "
         "table. Method, data and Trainer options pass through as --method.X, --data.X, --trainer.X."
     )
-    rp.add_argument("--method", type=str, required=True, help="method name (stbench list methods)")
-    rp.add_argument("--dataset", type=str, required=True)
+    rp.add_argument(
+        "--method", type=str | None, default=None, help="method name (stbench list methods); required"
+    )
+    rp.add_argument("--dataset", type=str | None, default=None, help="required")
     rp.add_argument("--protocol", type=str | None, default=None, help="default: the dataset's")
-    rp.add_argument("--folds", type=list[str] | None, default=None, help="subset of fold names")
-    rp.add_argument("--seeds", type=list[int] | None, default=None, help="default: the protocol's seeds")
+    rp.add_argument(
+        "--folds",
+        type=list[str] | str | None,
+        default=None,
+        help="fold names or indices: B4, B4,C2, [B4,C2] or 0 (default: every fold)",
+    )
+    rp.add_argument(
+        "--seeds",
+        type=list[int] | int | str | None,
+        default=None,
+        help="0, 0,1 or [0,1] (default: the protocol's)",
+    )
     rp.add_argument(
         "--config",
         type=str | None,
         default=None,
-        help="config name in baselines/<method>/configs (e.g. tiny) or a YAML path",
+        help="config name in baselines/<method>/configs (e.g. tiny) or a YAML path; a file written by "
+        "--print_config runs the same job again (default: the method's configs/default.yaml)",
     )
     rp.add_argument("--output", type=str, default="outputs/run", help="results.jsonl and per-job folders")
     rp.add_argument("--data-root", type=str | None, default=None)
@@ -79,7 +109,7 @@ def _parser() -> ArgumentParser:
         help="predict and evaluate with these trained weights (skips training)",
     )
     rp.add_argument("--logger", type=list[str], default=["csv"], help="csv, tensorboard, wandb or none")
-    rp.add_argument("--progress", type=bool, default=False, help="show Lightning progress bars")
+    _flag(rp, "--progress", "show Lightning progress bars")
     sub.add_subcommand("run", rp, help="train + test a method on a dataset's folds")
 
     bp = ArgumentParser(
@@ -90,16 +120,14 @@ def _parser() -> ArgumentParser:
     bp.add_argument("--output", type=str | None, default=None, help="default: the suite's `output`")
     bp.add_argument("--launcher", type=str, default="local", choices=["local", "slurm"])
     bp.add_argument("--data-root", type=str | None, default=None)
-    bp.add_argument(
-        "--dry-run", type=bool, default=False, help="list the jobs (and which are finished) and exit"
-    )
+    _flag(bp, "--dry-run", "list the jobs (and which are finished) and exit")
     bp.add_argument(
         "--compare",
         type=str | None,
         default=None,
         help="committed results.jsonl: fail when a job is worse than it beyond the suite's tolerance",
     )
-    bp.add_argument("--progress", type=bool, default=False)
+    _flag(bp, "--progress", "show progress bars")
     sub.add_subcommand("benchmark", bp, help="run a benchmark suite (local or SLURM)")
 
     ep = ArgumentParser(description="Image encoders (pathology foundation models, ImageNet CNNs).")
@@ -128,7 +156,7 @@ def _parser() -> ArgumentParser:
         default=None,
         help="run folders whose predictions feed the HTML maps (not for committed boards)",
     )
-    lp.add_argument("--check", type=bool, default=False, help="fail if the committed files differ")
+    _flag(lp, "--check", "fail if the committed files differ")
     sub.add_subcommand("leaderboard", lp, help="regenerate or check the leaderboard")
 
     pl = ArgumentParser(
@@ -144,6 +172,9 @@ def _parser() -> ArgumentParser:
     pl.add_argument("--seed", type=int | None, default=None, help="only this seed's jobs")
     pl.add_argument("--out", type=str, required=True, help="pseudo-label .h5ad to write")
     sub.add_subcommand("pseudolabels", pl, help="stack out-of-fold predictions into pseudo-labels")
+    from stbench.benchmark.predict import add_subcommand as add_predict
+
+    add_predict(sub)
     return p
 
 
@@ -169,8 +200,9 @@ def _take_print_config(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """Pull `--method.x V`, `--data.patch.out_px=V`, `--trainer.devices V` out of argv (YAML values)."""
-    import yaml
+    """Pull `--method.x V`, `--data.patch.out_px=V`, `--trainer.devices V` out of argv. Values stay
+    text (`Raw`) until the schema types them by the parameter they land on."""
+    from stbench.config_schema import Raw
 
     rest: list[str] = []
     over: dict[str, Any] = {}
@@ -183,14 +215,16 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
                 value = arg.split("=", 1)[1]
             else:
                 if i + 1 >= len(argv):
-                    raise SystemExit(f"error: {arg} needs a value")
+                    raise StbenchError(f"--{head} needs a value")
                 value = argv[i + 1]
                 i += 1
             node = over
             parts = head.split(".")
             for part in parts[:-1]:
                 node = node.setdefault(part, {})
-            node[parts[-1]] = yaml.safe_load(value)
+                if not isinstance(node, dict):
+                    raise StbenchError(f"--{head}: {'.'.join(parts[:-1])} was given a value already")
+            node[parts[-1]] = Raw(value)
             i += 1
             continue
         rest.append(arg)
@@ -198,15 +232,74 @@ def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     return rest, over
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None = None) -> Any:
+    """Parsed and validated arguments (`cfg.overrides` typed), or StbenchError; nothing heavy imported."""
     parser = _parser()
     args, overrides = split_overrides(list(argv) if argv is not None else sys.argv[1:])
     args, print_config = _take_print_config(args)
-    cfg = parser.parse_args(args)
-    cfg.overrides = overrides
-    cfg.print_config = print_config
     try:
-        return _dispatch(cfg)
+        cfg = parser.parse_args(args)
+    except Exception as exc:  # jsonargparse's ArgumentError
+        if type(exc).__name__ != "ArgumentError":
+            raise
+        msg = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        cmd = next((a for a in args if not a.startswith("-")), None)
+        cmd = None if cmd is None or "invalid choice" in msg or '"command"' in msg else cmd
+        raise StbenchError(f"{msg} (see `stbench {cmd + ' ' if cmd else ''}--help`)") from None
+    cfg.print_config = print_config
+    if cfg.command == "run":
+        cfg.overrides = resolve_run(cfg.run, overrides)
+    elif overrides:
+        raise StbenchError(
+            f"--{next(iter(overrides))}.X options belong to `stbench run`, not `stbench {cfg.command}`"
+        )
+    else:
+        cfg.overrides = {}
+    return cfg
+
+
+def resolve_run(run: Any, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Fill `run` from a --config run file, check method/dataset/folds/seeds and every config and
+    override key against the method's schema; return the typed overrides."""
+    from stbench import config_schema
+    from stbench.benchmark.job import load_config, read_run_section
+
+    section = read_run_section(run.config) if run.config else {}
+    for key in ("method", "dataset", "protocol", "folds", "seeds"):
+        if getattr(run, key) is None and section.get(key) is not None:
+            setattr(run, key, section[key])
+    for key in ("method", "dataset"):
+        if not getattr(run, key):
+            raise StbenchError(f"--{key} is required (or a --config file written by --print_config)")
+    run.folds = _split_list(run.folds, "--folds", str)
+    run.seeds = _split_list(run.seeds, "--seeds", int)
+    schema = config_schema.schema_for(run.method)
+    if schema is None:
+        from importlib.metadata import entry_points
+
+        names = [ep.name for ep in entry_points(group="stbench.methods")]
+        raise UnknownNameError("method", run.method, names)
+    load_config(run.method, run.config)  # an unknown or mistyped key in the file fails here, named
+    return config_schema.check_config(overrides, schema, "", flag=True)
+
+
+def _split_list(value: Any, option: str, kind: type) -> list[Any] | None:
+    """`B4`, `B4,C2`, `[B4,C2]` or a parsed list -> a list of `kind`."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
+    elif not isinstance(value, list):
+        value = [value]
+    try:
+        return [kind(v) for v in value]
+    except (TypeError, ValueError):
+        raise StbenchError(f"{option}: expected a list of {kind.__name__}, got {value!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _dispatch(parse(argv))
     except StbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -237,6 +330,8 @@ def _dispatch(cfg: Any) -> int:
         return commands.splits(cfg.splits.dataset, cfg.splits.protocol, cfg.splits.data_root)
     if cfg.command == "pseudolabels":
         return commands.pseudolabels(cfg.pseudolabels)
+    if cfg.command == "predict":
+        return commands.predict(cfg.predict)
     raise AssertionError(cfg.command)
 
 

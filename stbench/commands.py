@@ -178,24 +178,10 @@ def run(args: Any, overrides: dict[str, Any], print_config: bool = False) -> int
         args.data_root,
         checkpoint=args.checkpoint,
     )
-    if print_config:
-        j = jobs[0]
-        console().print(
-            yaml.safe_dump(
-                {
-                    "method": j.method,
-                    "config_name": j.config_name,
-                    "dataset": j.dataset,
-                    "protocol": j.protocol,
-                    "folds": sorted({x.fold for x in jobs}),
-                    "seeds": sorted({x.seed for x in jobs}),
-                    **j.config,
-                },
-                sort_keys=False,
-            ),
-            markup=False,
-            highlight=False,
-        )
+    if print_config:  # a file `stbench run --config FILE` runs again as the same jobs
+        from stbench.benchmark.job import run_document
+
+        print(yaml.safe_dump(run_document(jobs), sort_keys=False), end="")
         return 0
     run_jobs(jobs, args.output, loggers=args.logger, progress=args.progress)
     from stbench.benchmark.runner import global_rank_from_env
@@ -258,7 +244,8 @@ def benchmark(args: Any, print_config: bool = False) -> int:
 
 
 def pseudolabels(args: Any) -> int:
-    from stbench.data.pseudolabels import PseudoLabels, collect_pseudolabels
+    from stbench.benchmark.pseudolabels import collect_pseudolabels
+    from stbench.data.pseudolabels import PseudoLabels
 
     out = collect_pseudolabels(
         args.output, args.method, args.dataset, protocol=args.protocol, seed=args.seed, out=args.out
@@ -272,3 +259,9 @@ def pseudolabels(args: Any) -> int:
         highlight=False,
     )
     return 0
+
+
+def predict(args: Any) -> int:
+    from stbench.benchmark.predict import run_command
+
+    return run_command(args)

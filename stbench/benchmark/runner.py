@@ -21,14 +21,14 @@ from typing import Any
 
 import lightning as L
 
-from stbench.benchmark import provenance
-from stbench.benchmark.job import Job, deep_merge, load_config
+from stbench.benchmark import checkpoints, provenance
+from stbench.benchmark.job import Job, deep_merge, load_config, select_folds
 from stbench.benchmark.store import append_row, claim, finished_job_ids
 from stbench.benchmark.writer import SpotPredictionWriter, clear_parts, gather_predictions
 from stbench.data.dataset import Dataset
 from stbench.data.protocols import Protocol, get_protocol, target_for_counts, target_label
 from stbench.data.splits import Fold
-from stbench.errors import DataError, StbenchError
+from stbench.errors import DataError
 from stbench.methods.base import Method
 from stbench.methods.registry import get_method
 from stbench.utils.io import write_json_atomic
@@ -118,10 +118,7 @@ def expand_jobs(
     proto = get_protocol(protocol or ds.card.default_protocol)
     all_folds = plan(ds, proto)
     names = [f.name for f in all_folds]
-    chosen = list(folds) if folds else names
-    unknown = [f for f in chosen if f not in names]
-    if unknown:
-        raise StbenchError(f"unknown fold(s) {unknown} of protocol {proto.name} on {dataset}; folds: {names}")
+    chosen = select_folds(folds, names, f"protocol {proto.name} on {dataset}")
     cfg_name, cfg = load_config(method_cls, config)
     cfg = deep_merge(cfg, overrides or {})
     return [
@@ -238,14 +235,24 @@ def run_job(
     )
     dm.prepare_data()
     dm.setup("fit")
+    # A given checkpoint is read and checked (method, panel, target, leakage) before anything is
+    # built or predicted; its weights are applied once the network exists (see checkpoints.py).
+    loaded = checkpoints.open_for_job(job, dm) if job.checkpoint else None
     method = method_cls(n_genes=dm.n_genes, genes=dm.genes, **job.config.get("method", {}))
 
     trainer_cfg = dict(job.config.get("trainer", {}))
-    trainer, ckpt_cb = _trainer(trainer_cfg, jobdir, method, job, loggers, progress)
+    trainer, ckpt_cb = _trainer(
+        trainer_cfg,
+        jobdir,
+        method,
+        job,
+        loggers,
+        progress,
+        meta=checkpoints.fold_metadata(job, dm),
+        loaded=loaded,
+    )
     ckpt_path = None
-    if job.checkpoint:
-        _load_weights(method, job.checkpoint)
-    else:
+    if not job.checkpoint:
         for stage in method.stages:
             if stage == "fit":
                 trainer.fit(method, datamodule=dm)
@@ -306,6 +313,7 @@ def run_job(
             "chosen_on": method.monitor if ckpt_path else None,
             "path": os.path.relpath(ckpt_path, output) if ckpt_path else None,
             "from": job.checkpoint,
+            **(_checkpoint_provenance(job, loaded) if loaded is not None else {}),
         },
         "test_slides": list(fold.test),
         "train_slides": list(fold.train),
@@ -344,7 +352,15 @@ def _describe_panel(dm: Any) -> str:
 
 
 def _trainer(
-    cfg: dict[str, Any], jobdir: Path, method: Method, job: Job, loggers: Sequence[str], progress: bool
+    cfg: dict[str, Any],
+    jobdir: Path,
+    method: Method,
+    job: Job,
+    loggers: Sequence[str],
+    progress: bool,
+    *,
+    meta: dict[str, Any] | None = None,
+    loaded: checkpoints.LoadedCheckpoint | None = None,
 ) -> tuple[L.Trainer, Any]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -355,6 +371,8 @@ def _trainer(
         callbacks: list[Any] = [TilePredictionWriter(parts)]
     else:
         callbacks = [SpotPredictionWriter(parts)]
+    if loaded is not None:  # first: the weights are in place before any other predict hook
+        callbacks.insert(0, checkpoints.ApplyCheckpoint(loaded))
     ckpt_cb = None
     if "fit" in method.stages and not job.checkpoint:
         ckpt_cb = ModelCheckpoint(
@@ -366,6 +384,8 @@ def _trainer(
             auto_insert_metric_name=False,
         )
         callbacks.append(ckpt_cb)
+        if meta is not None:  # provenance that --checkpoint checks later; no state, no RNG
+            callbacks.append(checkpoints.CheckpointMetadata(meta))
     opts = {
         "accelerator": "auto",
         "devices": 1,
@@ -415,20 +435,18 @@ def _loggers(names: Sequence[str], jobdir: Path, job: Job) -> list[Any] | bool:
     return make_loggers(names, jobdir / "logs", job) or False
 
 
-def _load_weights(method: Method, checkpoint: str) -> None:
-    import torch
+def _checkpoint_provenance(job: Job, loaded: checkpoints.LoadedCheckpoint) -> dict[str, Any]:
+    """What the row says about the checkpoint it predicted with (only rows of --checkpoint jobs)."""
+    meta = loaded.meta or {}
+    return {
+        "sha256": job.checkpoint_sha256,
+        "trained_job": {
+            k: meta.get(k) for k in ("method", "config_hash", "dataset", "protocol", "fold", "seed")
+        },
+        "trained_on": list(meta.get("train_slides", [])),
+    }
 
-    try:  # weights_only: a pickle that would run code is refused, and so is any unreadable file
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - one clear message, not a traceback
-        raise StbenchError(
-            f"cannot read checkpoint {checkpoint} as plain tensors (torch.load(weights_only=True): "
-            f"{type(exc).__name__}); pickles that would run code are refused"
-        ) from None
-    sd = state.get("state_dict", state)
-    missing, unexpected = method.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise StbenchError(
-            f"checkpoint {checkpoint} does not fit {type(method).__name__}: missing keys "
-            f"{missing[:10]}, unexpected keys {unexpected[:10]}"
-        )
+
+def _load_weights(method: Method, checkpoint: str) -> None:
+    """Read a checkpoint safely (weights_only) and load its weights, without the fold checks."""
+    checkpoints.apply_weights(method, checkpoints.read_checkpoint(checkpoint))

@@ -362,6 +362,7 @@ def _entry(path: Path | None, i: int, e: Any) -> GridEntry:
         )
     for m in methods:  # config names resolve now, so a typo fails before anything runs
         _check_config(path, f"{key}.config", m, config.get(m) if isinstance(config, dict) else config)
+    overrides = _typed_overrides(path, f"{key}.overrides", methods, overrides)
     return GridEntry(
         i, methods, datasets, protocols, tuple(seeds) if seeds else None, folds, config, overrides
     )
@@ -383,6 +384,35 @@ def _check_config(path: Path | None, key: str, method: str, config: str | None) 
         load_config(get_method(method), config)
     except StbenchError as exc:
         raise SuiteError(path, key, str(exc)) from exc
+
+
+def _typed_overrides(
+    path: Path | None, key: str, methods: Sequence[str], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """Overrides checked (keys) and typed (values) by each method's schema, as `stbench run` checks
+    `--method.X`: a misspelled key fails at load time, naming the file and key."""
+    from stbench.config_schema import check_config, schema_for
+
+    shared = set(overrides) <= set(SECTIONS) | set(OPTIONAL_SECTIONS)
+    out: dict[str, Any] = {}
+    for m in methods:
+        part = overrides if shared else overrides.get(m)
+        if not part:
+            continue
+        if not isinstance(part, dict):
+            raise SuiteError(path, f"{key}.{m}", f"must be a mapping of sections, got {part!r}")
+        where = key if shared else f"{key}.{m}"
+        try:
+            typed = check_config(dict(part), schema_for(m), "")
+        except StbenchError as exc:
+            raise SuiteError(path, where, str(exc)) from exc
+        if shared:
+            if out and typed != out:  # one shared mapping cannot be typed two ways
+                raise SuiteError(path, key, f"typed differently for {m}; give each method its own overrides")
+            out = typed
+        else:
+            out[m] = typed
+    return out if out or not overrides else dict(overrides)
 
 
 def _sources(path: Path | None, value: Any) -> dict[str, Path]:

@@ -34,8 +34,11 @@ demo: install
 	  --predictions [$(DEMO_ROOT)/outputs/demo]
 	@echo "demo leaderboard: $(DEMO_ROOT)/leaderboard/LEADERBOARD.md and leaderboard.html"
 
+# Two workers (one per core of the CI machine); whole files go to one worker, so a file's
+# module-scoped fixtures (trained checkpoints, prepared data) are built once. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not real_data"

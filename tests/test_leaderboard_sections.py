@@ -123,7 +123,7 @@ def test_committed_ci_rows_give_comparable_sections(tmp_path: Path) -> None:
     for section in {r["section"] for r in table}:
         assert len({r["folds"] for r in table if r["section"] == section}) == 1, section
     assert {r["rank"] for r in table if r["kind"] == "reference"} == {""}
-    assert {r["method"] for r in table if r["kind"] == "reference"} == {"mean"}  # old rows: no `kind`
+    assert {r["method"] for r in table if r["kind"] == "reference"} == {"mean", "depth"}
 
 
 def test_long_fold_lists_and_reference_only_sections(tmp_path: Path) -> None:

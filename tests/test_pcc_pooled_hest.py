@@ -83,7 +83,7 @@ def _stub_fold(tmp_path: Path) -> tuple[SimpleNamespace, np.ndarray, np.ndarray,
         obs = pd.DataFrame({"array_x": np.arange(n) % 8, "array_y": np.arange(n) // 8}, index=ids)
         adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=[f"g{j}" for j in range(12)]))
         adata.obsm["spatial"] = rng.uniform(0, 100, size=(n, 2))
-        slides[name] = SimpleNamespace(adata=adata)
+        slides[name] = SimpleNamespace(adata=adata, name=name, image=None, mpp=1.0, spot_diameter_px=55.0)
         targets[name] = pd.DataFrame(np.log1p(counts[:, :5]), index=ids, columns=genes)
         tables.append(pd.DataFrame({"slide": name, "spot_id": ids}))
         all_totals[name] = counts.sum(axis=1).astype(np.float64)
@@ -98,13 +98,17 @@ def _stub_fold(tmp_path: Path) -> tuple[SimpleNamespace, np.ndarray, np.ndarray,
         targets=lambda s: targets[s],
         slides=slides,
         genes=genes,
+        transform=None,
     )
     return dm, table.index.to_numpy()[order], pred_all[order], all_totals
 
 
 def test_evaluate_fold_reports_hest_pooled_and_partial_from_the_slides_totals(tmp_path: Path):
     dm, index, pred, totals = _stub_fold(tmp_path)
-    job = SimpleNamespace(job_id="j", method="m", dataset="d", protocol="hest", fold="f", seed=0)
+    job = SimpleNamespace(
+        job_id="j", method="m", dataset="d", protocol="hest", fold="f", seed=0,
+        config_name="c", config_hash="h", config={},
+    )  # fmt: skip
     per_slide, metrics = evaluate_fold(dm, index, pred, tmp_path, job, ks=[])
     table = dm.spot_table.loc[index]
     truths, preds = [], []

@@ -120,23 +120,15 @@ def _save_predictions(
     layers["truth"] as scored, obsm["spatial"], uns["spatial"][slide] (low-res H&E + scalefactors,
     when `slide` is given) and provenance in uns["stbench"]."""
     from stbench.benchmark.spatial_h5ad import (
+        job_provenance,
         prediction_adata,
         slide_spatial,
         transform_provenance,
-        weights_of,
     )
 
     keep = [c for c in ("slide", "patient", "label", "array_x", "array_y") if c in obs.columns]
     provenance = {
-        "job_id": job.job_id,
-        "method": job.method,
-        "dataset": job.dataset,
-        "protocol": job.protocol,
-        "fold": job.fold,
-        "seed": job.seed,
-        "config_name": job.config_name,
-        "config_hash": job.config_hash,
-        "weights": weights_of(dict(job.config.get("method", {}))),
+        **job_provenance(job),
         "space": "protocol target space (X = prediction, layers['truth'] = truth)",
         **transform_provenance(transform),
     }

@@ -171,10 +171,10 @@ def job_datamodule(job: Any) -> Any:
     """The job's DataModule, built as `run_job` builds it (image-free methods only: no features)."""
     import lightning as L
 
-    from stbench.benchmark.runner import open_dataset, plan
+    from stbench.benchmark.runner import job_data_config, open_dataset, plan
     from stbench.data.datamodule import STDataModule
     from stbench.data.patches import PatchSpec
-    from stbench.data.protocols import get_protocol, target_for_counts
+    from stbench.data.protocols import get_protocol
     from stbench.methods.registry import get_method
 
     L.seed_everything(job.seed, workers=True, verbose=False)
@@ -182,14 +182,8 @@ def job_datamodule(job: Any) -> Any:
     ds = open_dataset(job.dataset, job.data_root)
     proto = get_protocol(job.protocol)
     fold = next(f for f in plan(ds, proto) if f.name == job.fold)
-    data_cfg = dict(job.config.get("data", {}))
-    hest_genes = ds.raw / "var_50genes.json"
-    if proto.name == "hest" and hest_genes.exists() and "gene_rule" not in data_cfg:
-        data_cfg.update(gene_rule="list", gene_kwargs={"gene_list": str(hest_genes)})
     reqs = method_cls.requires
-    patch_cfg = {**reqs.patch, **data_cfg.pop("patch", {})}
-    if ds.card.counts != "raw":
-        data_cfg["target"] = target_for_counts(data_cfg.get("target", proto.target), ds.card.counts)
+    data_cfg, patch_cfg = job_data_config(job, ds, proto, reqs)
     slides = [*fold.train, *fold.val, *fold.test]
     dm = STDataModule(
         lambda: ds.load_slides(slides),
@@ -235,17 +229,15 @@ def job_transform(tj: TrainedJob) -> Any:
     state = tj.ckpt_meta.get("target") or tj.ckpt_meta.get("target_transform")
     if isinstance(state, dict) and "method" in state:
         return TargetTransform.from_state_dict(state)
-    from stbench.benchmark.runner import open_dataset
+    from stbench.benchmark.runner import job_data_config, open_dataset
     from stbench.data.datamodule import _target_spec
-    from stbench.data.protocols import get_protocol, target_for_counts
+    from stbench.data.protocols import get_protocol
+    from stbench.methods.registry import get_method
 
     proto = get_protocol(tj.job.protocol)
     ds = open_dataset(tj.job.dataset, tj.job.data_root)
-    data_cfg = tj.job.config.get("data", {})
-    target = data_cfg.get("target")
-    if ds.card.counts != "raw":
-        target = target_for_counts(target or proto.target, ds.card.counts)
-    spec = _target_spec(target, proto)
+    data_cfg, _ = job_data_config(tj.job, ds, proto, get_method(tj.job.method).requires)
+    spec = _target_spec(data_cfg.get("target"), proto)
     if spec.get("scale") is None:
         return TargetTransform(**spec)
     return job_datamodule(tj.job).transform
@@ -532,28 +524,22 @@ def _write(
 ) -> None:
     import pandas as pd
 
-    from stbench.benchmark.spatial_h5ad import prediction_adata, slide_spatial, weights_of
+    from stbench.benchmark.spatial_h5ad import (
+        job_provenance,
+        prediction_adata,
+        slide_spatial,
+        transform_provenance,
+    )
     from stbench.utils.io import atomic_path
 
-    job = tj.job
     provenance = {
-        "job_id": job.job_id,
-        "method": job.method,
-        "dataset": job.dataset,
-        "protocol": job.protocol,
-        "fold": job.fold,
-        "seed": job.seed,
-        "config_name": job.config_name,
-        "config_hash": job.config_hash,
-        "weights": weights_of(dict(job.config.get("method", {}))),
+        **job_provenance(tj.job),
         "checkpoint": str(tj.checkpoint) if tj.checkpoint else None,
         "image": str(slide.image.path),
         "space": "the job's target space (X = prediction"
         + (", layers['truth'] = truth)" if truth is not None else ")"),
     }
     try:  # what space X is in; a job whose dataset is not here still gets its predictions
-        from stbench.benchmark.spatial_h5ad import transform_provenance
-
         provenance.update(transform_provenance(job_transform(tj)))
     except StbenchError:
         provenance["target_transform"] = "unknown (the job's dataset is not available here)"

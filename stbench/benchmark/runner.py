@@ -169,6 +169,23 @@ def run_jobs(
     return rows
 
 
+def job_data_config(
+    job: Job, ds: Dataset, proto: Protocol, reqs: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The DataModule options and patch settings of a job, as every path that rebuilds its data
+    (a run, `stbench predict`) must resolve them: the config's `data` section, HEST-Bench's shipped
+    gene list, the method's patch requirements, and a declared-normalised dataset's target."""
+    data_cfg = dict(job.config.get("data", {}))
+    hest_genes = ds.raw / "var_50genes.json"
+    if proto.name == "hest" and hest_genes.exists() and "gene_rule" not in data_cfg:
+        # HEST-Bench ships each task's 50 genes: use that list, not a re-derived one.
+        data_cfg.update(gene_rule="list", gene_kwargs={"gene_list": str(hest_genes)})
+    patch_cfg = {**reqs.patch, **data_cfg.pop("patch", {})}
+    if ds.card.counts != "raw":  # values declared normalised: the protocol's transform is skipped
+        data_cfg["target"] = target_for_counts(data_cfg.get("target", proto.target), ds.card.counts)
+    return data_cfg, patch_cfg
+
+
 def run_job(
     job: Job, output: str | Path, *, loggers: Sequence[str] = ("csv",), progress: bool = False
 ) -> dict[str, Any] | None:
@@ -188,12 +205,7 @@ def run_job(
     proto = get_protocol(job.protocol)
     fold = next(f for f in plan(ds, proto) if f.name == job.fold)
     reqs = method_cls.requires
-    data_cfg = dict(job.config.get("data", {}))
-    hest_genes = ds.raw / "var_50genes.json"
-    if proto.name == "hest" and hest_genes.exists() and "gene_rule" not in data_cfg:
-        # HEST-Bench ships each task's 50 genes: use that list, not a re-derived one.
-        data_cfg.update(gene_rule="list", gene_kwargs={"gene_list": str(hest_genes)})
-    patch_cfg = {**reqs.patch, **data_cfg.pop("patch", {})}
+    data_cfg, patch_cfg = job_data_config(job, ds, proto, reqs)
     patch_spec = PatchSpec(**patch_cfg) if reqs.image else None
     # Frozen-encoder features (probes): extracted once per (encoder, weights, preprocessing, patches)
     # into the dataset's cache and shared by every job and method that asks for the same ones.
@@ -212,8 +224,6 @@ def run_job(
         )
         feature_fns = {**(feature_fns or {}), **(latent_fns or {})} or None
         hidden = tuple(LATENT_REQUESTS)
-    if ds.card.counts != "raw":  # values declared normalised: the protocol's transform is skipped
-        data_cfg["target"] = target_for_counts(data_cfg.get("target", proto.target), ds.card.counts)
     slides = [*fold.train, *fold.val, *fold.test]
     dm = STDataModule(
         lambda: ds.load_slides(slides),

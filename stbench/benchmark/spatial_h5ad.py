@@ -134,6 +134,22 @@ def transform_provenance(transform: Any) -> dict[str, Any]:
     return {"target_transform": str(state.get("method")), "target_transform_state": json.dumps(state)}
 
 
+def job_provenance(job: Any) -> dict[str, Any]:
+    """Which job made a prediction file: the fields every prediction .h5ad (a run's, `stbench
+    predict`'s) carries in uns["stbench"]."""
+    return {
+        "job_id": job.job_id,
+        "method": job.method,
+        "dataset": job.dataset,
+        "protocol": job.protocol,
+        "fold": job.fold,
+        "seed": job.seed,
+        "config_name": job.config_name,
+        "config_hash": job.config_hash,
+        "weights": weights_of(dict(job.config.get("method", {}))),
+    }
+
+
 def weights_of(method_config: dict[str, Any]) -> str:
     """Pretrained weights named by a job's method config ("encoder"/"weights" keys), else "none"
     (trained from scratch); the result row's `weights` field is the method's own account."""

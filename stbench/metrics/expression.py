@@ -22,7 +22,7 @@ Conventions (docs/metrics.md is the reference; the names here are the names in r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,21 +103,31 @@ def _centred(block: np.ndarray, rtol: float) -> tuple[np.ndarray, np.ndarray, np
     return x, ss, (std <= rtol * scale) | (ss == 0)
 
 
-def column_pearson(truth: np.ndarray, pred: np.ndarray, *, rtol: float = CONSTANT_RTOL) -> Correlations:
-    """Pearson r of each column of `truth` with the same column of `pred` (two-pass, float64)."""
+def _blockwise_pearson(
+    truth: np.ndarray,
+    pred: np.ndarray,
+    prepare: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> Correlations:
+    """Per-column Pearson r of `prepare`d blocks (centred, or residualised on a covariate): one
+    loop for `pcc` and `pcc_partial`, so both share the block size and the exclusion rule."""
     n, g = truth.shape
     r = np.full(g, np.nan)
     const_t = np.zeros(g, dtype=bool)
     const_p = np.zeros(g, dtype=bool)
     for blk in _blocks(n, g):
-        xt, sst, ct = _centred(truth[:, blk], rtol)
-        xp, ssp, cp = _centred(pred[:, blk], rtol)
+        xt, sst, ct = prepare(truth[:, blk])
+        xp, ssp, cp = prepare(pred[:, blk])
         sxy = np.einsum("ij,ij->j", xt, xp)
         ok = ~(ct | cp)
         rb = np.full(sxy.shape, np.nan)
         rb[ok] = np.clip(sxy[ok] / np.sqrt(sst[ok] * ssp[ok]), -1.0, 1.0)
         r[blk], const_t[blk], const_p[blk] = rb, ct, cp
     return Correlations(r, const_t, const_p)
+
+
+def column_pearson(truth: np.ndarray, pred: np.ndarray, *, rtol: float = CONSTANT_RTOL) -> Correlations:
+    """Pearson r of each column of `truth` with the same column of `pred` (two-pass, float64)."""
+    return _blockwise_pearson(truth, pred, lambda block: _centred(block, rtol))
 
 
 def genewise_pcc(truth: object, pred: object, *, rtol: float = CONSTANT_RTOL) -> Correlations:
@@ -222,7 +232,7 @@ def partial_column_pearson(
     """Per column, Pearson r of the OLS residuals of `truth` and `pred` on [1, covariate]: the partial
     correlation given the covariate. A covariate with no spread (std <= rtol x max|z|) explains
     nothing beyond the intercept, so r is then the plain Pearson r."""
-    n, g = truth.shape
+    n = truth.shape[0]
     z = np.asarray(covariate, dtype=np.float64).reshape(-1)
     if z.size != n:
         raise ValueError(f"covariate has {z.size} values for {n} spots")
@@ -232,18 +242,7 @@ def partial_column_pearson(
     zz = float(zc @ zc)
     if np.sqrt(zz / n) <= rtol * np.abs(z).max():
         zz = 0.0
-    r = np.full(g, np.nan)
-    const_t = np.zeros(g, dtype=bool)
-    const_p = np.zeros(g, dtype=bool)
-    for blk in _blocks(n, g):
-        xt, sst, ct = _residualised(truth[:, blk], zc, zz, rtol)
-        xp, ssp, cp = _residualised(pred[:, blk], zc, zz, rtol)
-        sxy = np.einsum("ij,ij->j", xt, xp)
-        ok = ~(ct | cp)
-        rb = np.full(sxy.shape, np.nan)
-        rb[ok] = np.clip(sxy[ok] / np.sqrt(sst[ok] * ssp[ok]), -1.0, 1.0)
-        r[blk], const_t[blk], const_p[blk] = rb, ct, cp
-    return Correlations(r, const_t, const_p)
+    return _blockwise_pearson(truth, pred, lambda block: _residualised(block, zc, zz, rtol))
 
 
 def pcc_partial(
